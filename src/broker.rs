@@ -1,0 +1,166 @@
+//! The shared broker state: the topic index of subscriptions and
+//! publish / subscribe / unsubscribe. A publish matches the index under a read
+//! lock and pushes one shared frame into each matching outbox; it never waits
+//! for a subscriber.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::Metrics;
+use crate::queue::{Outbox, Push};
+use crate::topics::TopicIndex;
+
+/// A subscriber as the index stores it.
+pub struct Subscriber {
+    /// The connection's id (for logs).
+    pub id: u64,
+    /// Its outbound queue.
+    pub outbox: Arc<Outbox>,
+    /// Peer address (for slow-consumer logs).
+    pub peer: std::net::SocketAddr,
+    /// How many subscriptions the connection holds (for slow-consumer logs).
+    pub subscriptions: std::sync::atomic::AtomicUsize,
+}
+
+impl Subscriber {
+    fn subscription_count(&self) -> usize {
+        self.subscriptions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Result of one publish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fanout {
+    /// Connections the message was queued to.
+    pub delivered: usize,
+    /// Messages dropped (oldest or newest) because a queue was full.
+    pub dropped: usize,
+    /// Connections disconnected as slow consumers.
+    pub disconnected: usize,
+}
+
+/// Subscriptions and message routing.
+pub struct Broker {
+    index: RwLock<TopicIndex<Arc<Subscriber>>>,
+    metrics: &'static Metrics,
+    drop_log: crate::logging::RateLimit,
+}
+
+impl Broker {
+    /// An empty broker reporting into `metrics`.
+    pub fn new(metrics: &'static Metrics) -> Self {
+        Broker {
+            index: RwLock::new(TopicIndex::new()),
+            metrics,
+            drop_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
+        }
+    }
+
+    /// Adds `sub` to `pattern`; false when it was already subscribed.
+    pub fn subscribe(&self, pattern: &str, sub: &Arc<Subscriber>) -> bool {
+        let (added, patterns) = {
+            let mut index = self.index.write();
+            let added = index.insert(pattern, sub.id, sub.clone());
+            (added, index.pattern_count())
+        };
+        if added {
+            self.metrics.subscriptions_active.increment(1.0);
+            self.metrics.topics_active.set(patterns as f64);
+        }
+        added
+    }
+
+    /// Removes connection `id` from `pattern`; false when it was not subscribed.
+    pub fn unsubscribe(&self, pattern: &str, id: u64) -> bool {
+        let (removed, patterns) = {
+            let mut index = self.index.write();
+            let removed = index.remove(pattern, id);
+            (removed, index.pattern_count())
+        };
+        if removed {
+            self.metrics.subscriptions_active.decrement(1.0);
+            self.metrics.topics_active.set(patterns as f64);
+        }
+        removed
+    }
+
+    /// Removes all of a departing connection's subscriptions in one lock.
+    pub fn unsubscribe_all<'a>(&self, patterns: impl IntoIterator<Item = &'a str>, id: u64) {
+        let (removed, count) = {
+            let mut index = self.index.write();
+            let removed = patterns
+                .into_iter()
+                .filter(|p| index.remove(p, id))
+                .count();
+            (removed, index.pattern_count())
+        };
+        if removed > 0 {
+            self.metrics.subscriptions_active.decrement(removed as f64);
+            self.metrics.topics_active.set(count as f64);
+        }
+    }
+
+    /// Queues `frame` to every connection subscribed to `topic`.
+    pub fn publish(&self, topic: &str, frame: &Utf8Bytes) -> Fanout {
+        let now = Instant::now();
+        let mut fanout = Fanout::default();
+        {
+            let index = self.index.read();
+            index.for_each_match(topic, |_, sub| match sub.outbox.push(frame, now) {
+                Push::Queued => fanout.delivered += 1,
+                Push::DroppedOldest => {
+                    fanout.delivered += 1;
+                    fanout.dropped += 1;
+                    self.log_drop(sub);
+                }
+                Push::DroppedNewest => {
+                    fanout.dropped += 1;
+                    self.log_drop(sub);
+                }
+                Push::Disconnect => {
+                    fanout.dropped += 1;
+                    fanout.disconnected += 1;
+                    tracing::warn!(
+                        conn = sub.id,
+                        peer = %sub.peer,
+                        subscriptions = sub.subscription_count(),
+                        "slow consumer: outbound queue full, disconnecting"
+                    );
+                }
+                Push::Closed => {}
+            });
+        }
+        if fanout.dropped > 0 {
+            self.metrics.dropped_queue_full.increment(fanout.dropped as u64);
+        }
+        fanout
+    }
+
+    fn log_drop(&self, sub: &Subscriber) {
+        if let Some(suppressed) = self.drop_log.allow() {
+            let occ = sub.outbox.occupancy();
+            tracing::warn!(
+                conn = sub.id,
+                peer = %sub.peer,
+                subscriptions = sub.subscription_count(),
+                queued = occ.messages,
+                queued_bytes = occ.bytes,
+                suppressed,
+                "slow consumer: outbound queue full, dropping messages"
+            );
+        }
+    }
+
+    /// Distinct subscribed patterns.
+    pub fn pattern_count(&self) -> usize {
+        self.index.read().pattern_count()
+    }
+
+    /// Total subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.index.read().subscription_count()
+    }
+}

@@ -1,0 +1,812 @@
+//! Settings: the types of CONTRACT §2, loading (TOML file, then
+//! `WSBROKER__SECTION__KEY` environment overrides, via the `config` crate) and
+//! validation that reports every problem as one line naming its key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat, Map, Value, ValueKind};
+
+/// Every problem found while loading, one line each (`key: what is wrong`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+/// What happens when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Discard the oldest queued message to make room.
+    DropOldest,
+    /// Discard the new message.
+    DropNewest,
+    /// Close the connection with 1008 "slow consumer".
+    Disconnect,
+}
+
+/// Lowest TLS protocol version offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMinVersion {
+    /// TLS 1.2 and 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// Addresses to listen on for wss.
+    pub listen: Vec<SocketAddr>,
+    /// The WebSocket endpoint path.
+    pub path: String,
+    /// Connection limit across all listeners.
+    pub max_connections: usize,
+    /// Per source address limit; 0 disables it.
+    pub max_connections_per_ip: usize,
+    /// Budget for TCP accept -> TLS -> HTTP upgrade.
+    pub handshake_timeout: Duration,
+    /// Largest accepted WebSocket message (and frame) in bytes.
+    pub max_message_size: usize,
+    /// Window over which shutdown closes are spread.
+    pub shutdown_grace: Duration,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first; `None` only in dev mode (generated).
+    pub cert: Option<PathBuf>,
+    /// PEM private key; `None` only in dev mode (generated).
+    pub key: Option<PathBuf>,
+    /// Lowest protocol version offered.
+    pub min_version: TlsMinVersion,
+    /// CA for client certificates (mTLS); `None` disables client auth.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[origins]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginSettings {
+    /// Allowlist patterns.
+    pub allow: Vec<String>,
+    /// Whether a request without an Origin header is accepted.
+    pub allow_missing: bool,
+}
+
+/// `[connection]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionSettings {
+    /// Outbound messages buffered per connection.
+    pub queue_capacity: usize,
+    /// Outbound payload bytes buffered per connection.
+    pub queue_max_bytes: usize,
+    /// Policy when the outbound queue is full.
+    pub overflow: Overflow,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Client frames per second (token bucket, burst 2x); 0 disables the limit.
+    pub max_inbound_rate: u32,
+    /// Interval between server Pings.
+    pub ping_interval: Duration,
+    /// Silence after which a connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Plain-HTTP admin address; `None` (empty string) disables the listener.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for POST /publish; empty disables the endpoint.
+    pub publish_token: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    /// tracing filter directive, e.g. `info,wsbroker=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `[server]`
+    pub server: ServerSettings,
+    /// `[tls]`
+    pub tls: TlsSettings,
+    /// `[origins]`
+    pub origins: OriginSettings,
+    /// `[connection]`
+    pub connection: ConnectionSettings,
+    /// `[admin]`
+    pub admin: AdminSettings,
+    /// `[log]`
+    pub log: LogSettings,
+    /// True when started with `--dev` (generated certificate when none is configured).
+    pub dev: bool,
+}
+
+/// Where settings come from.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// TOML file; optional only with `dev`.
+    pub path: Option<PathBuf>,
+    /// Start from the built-in development defaults.
+    pub dev: bool,
+    /// Environment to read overrides from; `None` reads the process environment.
+    pub env: Option<HashMap<String, String>>,
+}
+
+/// Every key the file may contain, by section.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "server",
+        &[
+            "listen",
+            "path",
+            "max_connections",
+            "max_connections_per_ip",
+            "handshake_timeout",
+            "max_message_size",
+            "shutdown_grace",
+        ],
+    ),
+    ("tls", &["cert", "key", "min_version", "client_ca"]),
+    ("origins", &["allow", "allow_missing"]),
+    (
+        "connection",
+        &[
+            "queue_capacity",
+            "queue_max_bytes",
+            "overflow",
+            "max_subscriptions",
+            "max_inbound_rate",
+            "ping_interval",
+            "idle_timeout",
+        ],
+    ),
+    ("admin", &["listen", "publish_token"]),
+    ("log", &["level", "format"]),
+];
+
+/// Origins allowed by `--dev`.
+pub const DEV_ORIGINS: &[&str] = &[
+    "http://localhost:*",
+    "http://127.0.0.1:*",
+    "https://localhost:*",
+    "https://127.0.0.1:*",
+];
+
+impl Settings {
+    /// Loads file + environment and validates everything, TLS files included.
+    pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
+        let settings = Self::load_unchecked(opts)?;
+        let mut errors = Vec::new();
+        crate::tls::validate(&settings.tls, &mut errors);
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Loads and validates the syntax and values, without reading the TLS files.
+    pub fn load_unchecked(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
+        let mut builder = Config::builder();
+        match &opts.path {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigErrors(vec![format!(
+                        "config: file not found: {}",
+                        path.display()
+                    )]));
+                }
+                builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+            }
+            None if !opts.dev => {
+                return Err(ConfigErrors(vec![
+                    "config: no --config FILE given (or use --dev)".to_string(),
+                ]))
+            }
+            None => {}
+        }
+        let mut env = Environment::with_prefix("WSBROKER")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("server.listen")
+            .with_list_parse_key("origins.allow");
+        if let Some(map) = &opts.env {
+            env = env.source(Some(map.clone()));
+        }
+        let cfg = builder
+            .add_source(env)
+            .build()
+            .map_err(|e| ConfigErrors(vec![format!("config: {e}")]))?;
+        let root = cfg
+            .try_deserialize::<Map<String, Value>>()
+            .map_err(|e| ConfigErrors(vec![format!("config: {e}")]))?;
+        from_tree(root, opts.dev)
+    }
+
+    /// The defaults, as `serve --dev` starts (no file).
+    pub fn dev_defaults() -> Settings {
+        // Infallible by construction: the dev tree is empty.
+        match from_tree(Map::new(), true) {
+            Ok(s) => s,
+            Err(e) => unreachable!("dev defaults are valid: {e}"),
+        }
+    }
+}
+
+/// Reads one section's values, recording each problem with its key.
+struct Section<'a> {
+    name: &'static str,
+    values: Map<String, Value>,
+    errors: &'a mut Vec<String>,
+}
+
+impl Section<'_> {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.values.remove(key)
+    }
+
+    fn err(&mut self, key: &str, msg: impl fmt::Display) {
+        self.errors.push(format!("{}.{key}: {msg}", self.name));
+    }
+
+    fn string(&mut self, key: &str, default: &str) -> String {
+        match self.take(key) {
+            None => default.to_string(),
+            Some(v) => match v.kind {
+                ValueKind::String(s) => s,
+                other => {
+                    self.err(key, format!("expected a string, got {}", describe(&other)));
+                    default.to_string()
+                }
+            },
+        }
+    }
+
+    fn int(&mut self, key: &str, default: u64) -> u64 {
+        match self.take(key) {
+            None => default,
+            Some(v) => {
+                let parsed = match &v.kind {
+                    ValueKind::I64(n) => u64::try_from(*n).ok(),
+                    ValueKind::I128(n) => u64::try_from(*n).ok(),
+                    ValueKind::U64(n) => Some(*n),
+                    ValueKind::U128(n) => u64::try_from(*n).ok(),
+                    ValueKind::String(s) => s.trim().parse::<u64>().ok(),
+                    _ => None,
+                };
+                match parsed {
+                    Some(n) => n,
+                    None => {
+                        self.err(
+                            key,
+                            format!("expected a non-negative integer, got {}", describe(&v.kind)),
+                        );
+                        default
+                    }
+                }
+            }
+        }
+    }
+
+    fn usize(&mut self, key: &str, default: usize) -> usize {
+        let n = self.int(key, default as u64);
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    fn positive(&mut self, key: &str, default: usize) -> usize {
+        let n = self.usize(key, default);
+        if n == 0 {
+            self.err(key, "must be greater than 0");
+            return default;
+        }
+        n
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> bool {
+        match self.take(key) {
+            None => default,
+            Some(v) => match v.kind {
+                ValueKind::Boolean(b) => b,
+                ValueKind::String(ref s) if s.eq_ignore_ascii_case("true") => true,
+                ValueKind::String(ref s) if s.eq_ignore_ascii_case("false") => false,
+                other => {
+                    self.err(key, format!("expected true or false, got {}", describe(&other)));
+                    default
+                }
+            },
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        match self.take(key) {
+            None => default,
+            Some(v) => match v.kind {
+                ValueKind::String(s) => match humantime::parse_duration(s.trim()) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        self.err(key, "must be greater than 0");
+                        default
+                    }
+                    Err(e) => {
+                        self.err(
+                            key,
+                            format!("invalid duration `{s}` ({e}); use e.g. \"250ms\", \"20s\", \"5m\""),
+                        );
+                        default
+                    }
+                },
+                other => {
+                    self.err(
+                        key,
+                        format!(
+                            "expected a duration string like \"20s\", got {}",
+                            describe(&other)
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn strings(&mut self, key: &str, default: &[&str]) -> Vec<String> {
+        match self.take(key) {
+            None => default.iter().map(|s| s.to_string()).collect(),
+            Some(v) => match v.kind {
+                ValueKind::String(s) => split_list(&s),
+                ValueKind::Array(items) => {
+                    let mut out = Vec::new();
+                    for (i, item) in items.into_iter().enumerate() {
+                        match item.kind {
+                            ValueKind::String(s) => out.push(s),
+                            other => self.err(
+                                &format!("{key}[{i}]"),
+                                format!("expected a string, got {}", describe(&other)),
+                            ),
+                        }
+                    }
+                    out
+                }
+                other => {
+                    self.err(
+                        key,
+                        format!("expected a list of strings, got {}", describe(&other)),
+                    );
+                    default.iter().map(|s| s.to_string()).collect()
+                }
+            },
+        }
+    }
+
+    fn path(&mut self, key: &str) -> Option<PathBuf> {
+        let s = self.string(key, "");
+        if s.trim().is_empty() {
+            None
+        } else {
+            Some(PathBuf::from(s))
+        }
+    }
+
+    /// Reports every key left over: unknown keys must not pass silently.
+    fn finish(self) {
+        let mut left: Vec<_> = self.values.into_keys().collect();
+        left.sort();
+        for key in left {
+            self.errors
+                .push(format!("{}.{key}: unknown key", self.name));
+        }
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn describe(kind: &ValueKind) -> String {
+    match kind {
+        ValueKind::Nil => "nothing".into(),
+        ValueKind::Boolean(b) => format!("boolean {b}"),
+        ValueKind::I64(n) => format!("integer {n}"),
+        ValueKind::I128(n) => format!("integer {n}"),
+        ValueKind::U64(n) => format!("integer {n}"),
+        ValueKind::U128(n) => format!("integer {n}"),
+        ValueKind::Float(f) => format!("float {f}"),
+        ValueKind::String(s) => format!("string \"{s}\""),
+        ValueKind::Table(_) => "a table".into(),
+        ValueKind::Array(_) => "a list".into(),
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse::<SocketAddr>().map_err(|_| {
+        format!("`{s}` is not an address:port (e.g. \"0.0.0.0:8443\" or \"[::]:8443\")")
+    })
+}
+
+fn from_tree(mut root: Map<String, Value>, dev: bool) -> Result<Settings, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut sections: HashMap<&'static str, Map<String, Value>> = HashMap::new();
+    for (name, _) in KNOWN {
+        if let Some(v) = root.remove(*name) {
+            match v.kind {
+                ValueKind::Table(t) => {
+                    sections.insert(name, t);
+                }
+                other => errors.push(format!(
+                    "{name}: expected a table [{name}], got {}",
+                    describe(&other)
+                )),
+            }
+        }
+    }
+    let mut unknown: Vec<_> = root.into_keys().collect();
+    unknown.sort();
+    for key in unknown {
+        errors.push(format!("{key}: unknown section or key"));
+    }
+    let mut section = |name: &'static str| sections.remove(name).unwrap_or_default();
+
+    let server = {
+        let values = section("server");
+        let mut s = Section {
+            name: "server",
+            values,
+            errors: &mut errors,
+        };
+        let default_listen = if dev { "127.0.0.1:8443" } else { "0.0.0.0:8443" };
+        let listen_raw = s.strings("listen", &[default_listen]);
+        let mut listen = Vec::new();
+        for (i, a) in listen_raw.iter().enumerate() {
+            match parse_addr(a) {
+                Ok(addr) => listen.push(addr),
+                Err(e) => {
+                    let key = if listen_raw.len() > 1 {
+                        format!("listen[{i}]")
+                    } else {
+                        "listen".to_string()
+                    };
+                    s.err(&key, e)
+                }
+            }
+        }
+        if listen_raw.is_empty() {
+            s.err("listen", "at least one address is required");
+        }
+        let path = s.string("path", "/ws");
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
+            s.err("path", format!("`{path}` must start with `/` and contain no spaces"));
+        }
+        let max_connections = s.positive("max_connections", 100_000);
+        let max_connections_per_ip = s.usize("max_connections_per_ip", 0);
+        let handshake_timeout = s.duration("handshake_timeout", Duration::from_secs(10));
+        let max_message_size = s.usize("max_message_size", 65_536);
+        if max_message_size < 64 {
+            s.err("max_message_size", "must be at least 64 bytes");
+        }
+        let shutdown_grace = s.duration("shutdown_grace", Duration::from_secs(10));
+        s.finish();
+        ServerSettings {
+            listen,
+            path,
+            max_connections,
+            max_connections_per_ip,
+            handshake_timeout,
+            max_message_size: max_message_size.max(64),
+            shutdown_grace,
+        }
+    };
+
+    let tls = {
+        let values = section("tls");
+        let mut s = Section {
+            name: "tls",
+            values,
+            errors: &mut errors,
+        };
+        let cert = s.path("cert");
+        let key = s.path("key");
+        if !dev {
+            if cert.is_none() {
+                s.err("cert", "required (path to a PEM certificate chain)");
+            }
+            if key.is_none() {
+                s.err("key", "required (path to a PEM private key)");
+            }
+        }
+        if cert.is_some() != key.is_some() && dev {
+            s.err("cert", "tls.cert and tls.key must be given together");
+        }
+        let min_version = match s.string("min_version", "1.2").as_str() {
+            "1.2" => TlsMinVersion::Tls12,
+            "1.3" => TlsMinVersion::Tls13,
+            other => {
+                s.err("min_version", format!("`{other}` is not \"1.2\" or \"1.3\""));
+                TlsMinVersion::Tls12
+            }
+        };
+        let client_ca = s.path("client_ca");
+        s.finish();
+        TlsSettings {
+            cert,
+            key,
+            min_version,
+            client_ca,
+        }
+    };
+
+    let origins = {
+        let values = section("origins");
+        let mut s = Section {
+            name: "origins",
+            values,
+            errors: &mut errors,
+        };
+        let default_allow: &[&str] = if dev { DEV_ORIGINS } else { &[] };
+        let allow = s.strings("allow", default_allow);
+        let allow_missing = s.bool("allow_missing", false);
+        if let Err(e) = crate::origin::OriginPolicy::new(&allow, allow_missing) {
+            s.err("allow", e);
+        }
+        s.finish();
+        OriginSettings {
+            allow,
+            allow_missing,
+        }
+    };
+
+    let connection = {
+        let values = section("connection");
+        let mut s = Section {
+            name: "connection",
+            values,
+            errors: &mut errors,
+        };
+        let queue_capacity = s.positive("queue_capacity", 1024);
+        let queue_max_bytes = s.positive("queue_max_bytes", 1_048_576);
+        let overflow = match s.string("overflow", "drop_oldest").as_str() {
+            "drop_oldest" => Overflow::DropOldest,
+            "drop_newest" => Overflow::DropNewest,
+            "disconnect" => Overflow::Disconnect,
+            other => {
+                s.err(
+                    "overflow",
+                    format!("`{other}` is not \"drop_oldest\", \"drop_newest\" or \"disconnect\""),
+                );
+                Overflow::DropOldest
+            }
+        };
+        let max_subscriptions = s.positive("max_subscriptions", 1000);
+        let rate = s.int("max_inbound_rate", 1000);
+        let max_inbound_rate = u32::try_from(rate).unwrap_or_else(|_| {
+            s.err("max_inbound_rate", "too large");
+            1000
+        });
+        let ping_interval = s.duration("ping_interval", Duration::from_secs(20));
+        let idle_timeout = s.duration("idle_timeout", Duration::from_secs(60));
+        if idle_timeout <= ping_interval {
+            s.err(
+                "idle_timeout",
+                format!(
+                    "must be longer than connection.ping_interval ({}), or idle clients that answer pings are cut",
+                    humantime::format_duration(ping_interval)
+                ),
+            );
+        }
+        s.finish();
+        ConnectionSettings {
+            queue_capacity,
+            queue_max_bytes,
+            overflow,
+            max_subscriptions,
+            max_inbound_rate,
+            ping_interval,
+            idle_timeout,
+        }
+    };
+
+    let admin = {
+        let values = section("admin");
+        let mut s = Section {
+            name: "admin",
+            values,
+            errors: &mut errors,
+        };
+        let raw = s.string("listen", "127.0.0.1:9090");
+        let listen = if raw.trim().is_empty() {
+            None
+        } else {
+            match parse_addr(&raw) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    s.err("listen", e);
+                    None
+                }
+            }
+        };
+        let publish_token = s.string("publish_token", "");
+        s.finish();
+        AdminSettings {
+            listen,
+            publish_token,
+        }
+    };
+
+    let log = {
+        let values = section("log");
+        let mut s = Section {
+            name: "log",
+            values,
+            errors: &mut errors,
+        };
+        let level = s.string("level", "info");
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+            s.err("level", format!("invalid filter `{level}`: {e}"));
+        }
+        let format = match s.string("format", "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                s.err("format", format!("`{other}` is not \"text\" or \"json\""));
+                LogFormat::Text
+            }
+        };
+        s.finish();
+        LogSettings { level, format }
+    };
+
+    if errors.is_empty() {
+        Ok(Settings {
+            server,
+            tls,
+            origins,
+            connection,
+            admin,
+            log,
+            dev,
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Path of the file the settings came from, for reloads.
+pub fn display_path(p: Option<&Path>) -> String {
+    p.map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(built-in defaults)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Settings::load_unchecked(&LoadOptions {
+            path: Some(path),
+            dev: false,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        })
+    }
+
+    const MIN: &str = "[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n";
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = load_str(MIN, &[]).expect("valid");
+        assert_eq!(s.server.listen, vec!["0.0.0.0:8443".parse().unwrap()]);
+        assert_eq!(s.server.path, "/ws");
+        assert_eq!(s.server.max_connections, 100_000);
+        assert_eq!(s.server.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(s.connection.queue_capacity, 1024);
+        assert_eq!(s.connection.overflow, Overflow::DropOldest);
+        assert_eq!(s.connection.ping_interval, Duration::from_secs(20));
+        assert_eq!(s.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert!(s.origins.allow.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let s = load_str(
+            &format!("{MIN}[server]\nlisten = \"127.0.0.1:1\"\n"),
+            &[
+                ("WSBROKER__SERVER__LISTEN", "127.0.0.1:2,[::1]:3"),
+                ("WSBROKER__CONNECTION__QUEUE_CAPACITY", "64"),
+                ("WSBROKER__CONNECTION__OVERFLOW", "disconnect"),
+                ("WSBROKER__ORIGINS__ALLOW", "https://a.com"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            s.server.listen,
+            vec![
+                "127.0.0.1:2".parse().unwrap(),
+                "[::1]:3".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.connection.queue_capacity, 64);
+        assert_eq!(s.connection.overflow, Overflow::Disconnect);
+        assert_eq!(s.origins.allow, vec!["https://a.com".to_string()]);
+    }
+
+    #[test]
+    fn every_problem_is_one_line_naming_its_key() {
+        let err = load_str(
+            "[server]\nlisten = \"nope\"\nmax_conections = 5\nhandshake_timeout = \"ten\"\n\
+             [connection]\noverflow = \"explode\"\nqueue_capacity = -1\n[bogus]\nx = 1\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "server.listen:",
+            "server.max_conections: unknown key",
+            "server.handshake_timeout:",
+            "connection.overflow:",
+            "connection.queue_capacity:",
+            "bogus:",
+            "tls.cert: required",
+            "tls.key: required",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(key)),
+                "missing `{key}` in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        let s = load_str(
+            &format!("{MIN}[connection]\nping_interval = \"250ms\"\nidle_timeout = \"5m\"\n"),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(s.connection.ping_interval, Duration::from_millis(250));
+        assert_eq!(s.connection.idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn dev_defaults_allow_local_origins() {
+        let s = Settings::dev_defaults();
+        assert_eq!(s.server.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(s.origins.allow.len(), 4);
+        assert!(s.tls.cert.is_none());
+    }
+}

@@ -1,0 +1,289 @@
+//! The wire protocol of CONTRACT §4: parsing client commands (borrowing from
+//! the frame, `data` kept as raw bytes), validating topics, and encoding server
+//! frames. A message frame is encoded once per publish and shared.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest topic in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Error codes of CONTRACT §4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown op, bad topic, binary frame.
+    BadRequest,
+    /// A per-connection limit was hit.
+    Limit,
+    /// Not allowed (reserved for auth).
+    Forbidden,
+    /// The broker failed.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Limit => "limit",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A request the client got wrong, answered with an error frame.
+#[derive(Debug, Clone)]
+pub struct Rejection<'a> {
+    /// The request's id when one could be read.
+    pub id: Option<&'a RawValue>,
+    /// Error code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// A parsed client command, borrowing from the frame text.
+#[derive(Debug, Clone)]
+pub enum Command<'a> {
+    /// Add a subscription (pattern may contain wildcards).
+    Subscribe {
+        /// Pattern.
+        topic: Cow<'a, str>,
+        /// Request id.
+        id: Option<&'a RawValue>,
+    },
+    /// Remove a subscription.
+    Unsubscribe {
+        /// Pattern.
+        topic: Cow<'a, str>,
+        /// Request id.
+        id: Option<&'a RawValue>,
+    },
+    /// Publish `data` to a concrete topic.
+    Publish {
+        /// Topic (no wildcards).
+        topic: Cow<'a, str>,
+        /// The value exactly as the client sent it.
+        data: &'a RawValue,
+        /// Request id.
+        id: Option<&'a RawValue>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Checks a topic or pattern; `wildcards` allows `*` segments and a final `>`.
+pub fn validate_topic(topic: &str, wildcards: bool) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic is empty".into());
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(format!("topic is longer than {MAX_TOPIC_LEN} bytes"));
+    }
+    let mut segments = topic.split('.').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        match seg {
+            "" => return Err("topic has an empty segment".into()),
+            "*" | ">" if !wildcards => {
+                return Err("wildcards (`*`, `>`) are not allowed when publishing".into())
+            }
+            "*" => {}
+            ">" if last => {}
+            ">" => return Err("`>` is only allowed as the last segment".into()),
+            _ => {
+                if let Some(c) = seg
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':')))
+                {
+                    return Err(format!(
+                        "topic segment `{}` has invalid character {c:?} (allowed: A-Z a-z 0-9 _ - :)",
+                        seg.escape_default()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn valid_id(id: Option<&RawValue>) -> bool {
+    match id {
+        None => true,
+        Some(raw) => {
+            let s = raw.get().as_bytes();
+            matches!(s.first(), Some(b'"' | b'-' | b'0'..=b'9'))
+        }
+    }
+}
+
+/// Parses one text frame into a command, or the error to answer with.
+pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
+    let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| Rejection {
+        id: None,
+        code: ErrorCode::BadRequest,
+        message: format!("malformed JSON command: {e}"),
+    })?;
+    let id = raw.id;
+    let bad = |message: String| Rejection {
+        id: if valid_id(id) { id } else { None },
+        code: ErrorCode::BadRequest,
+        message,
+    };
+    if !valid_id(id) {
+        return Err(bad("`id` must be a string or a number".into()));
+    }
+    let op = raw.op.ok_or_else(|| bad("missing `op`".into()))?;
+    let topic = raw.topic.ok_or_else(|| bad("missing `topic`".into()))?;
+    match op.as_ref() {
+        "subscribe" | "unsubscribe" => {
+            validate_topic(&topic, true).map_err(bad)?;
+            if raw.data.is_some() {
+                return Err(bad(format!("`data` is not allowed with op `{op}`")));
+            }
+            Ok(if op == "subscribe" {
+                Command::Subscribe { topic, id }
+            } else {
+                Command::Unsubscribe { topic, id }
+            })
+        }
+        "publish" => {
+            validate_topic(&topic, false).map_err(bad)?;
+            let data = raw.data.ok_or_else(|| bad("missing `data`".into()))?;
+            Ok(Command::Publish { topic, data, id })
+        }
+        other => Err(bad(format!(
+            "unknown op `{}` (expected subscribe, unsubscribe or publish)",
+            other.escape_default()
+        ))),
+    }
+}
+
+/// Encodes the message frame every subscriber receives (built once per publish).
+pub fn encode_message(topic: &str, data: &str) -> String {
+    // Topics are validated to need no JSON escaping.
+    let mut out = String::with_capacity(40 + topic.len() + data.len());
+    out.push_str(r#"{"type":"message","topic":""#);
+    out.push_str(topic);
+    out.push_str(r#"","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+/// Encodes an ack for request `id`.
+pub fn encode_ack(id: &RawValue) -> String {
+    format!(r#"{{"type":"ack","id":{}}}"#, id.get())
+}
+
+/// Encodes an error frame.
+pub fn encode_error(id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
+    let mut out = String::with_capacity(64 + message.len());
+    out.push_str(r#"{"type":"error","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.get());
+    }
+    let _ = write!(
+        out,
+        r#""code":"{}","message":{}}}"#,
+        code.as_str(),
+        serde_json::Value::String(message.to_string())
+    );
+    out
+}
+
+/// The body of the admin `POST /publish`.
+#[derive(Deserialize)]
+pub struct HttpPublish<'a> {
+    /// Topic (no wildcards).
+    #[serde(borrow)]
+    pub topic: Cow<'a, str>,
+    /// The value to deliver, verbatim.
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_ops() {
+        let c = parse_command(r#"{"op":"subscribe","topic":"chat.*","id":1}"#).expect("ok");
+        assert!(matches!(c, Command::Subscribe { ref topic, id: Some(id) } if topic == "chat.*" && id.get() == "1"));
+        let c = parse_command(r#"{"op":"unsubscribe","topic":"a.>"}"#).expect("ok");
+        assert!(matches!(c, Command::Unsubscribe { id: None, .. }));
+        let c = parse_command(r#"{"op":"publish","topic":"a.b","data":{ "x" : [1, 2] },"id":"q"}"#)
+            .expect("ok");
+        match c {
+            Command::Publish { topic, data, id } => {
+                assert_eq!(topic, "a.b");
+                assert_eq!(data.get(), r#"{ "x" : [1, 2] }"#);
+                assert_eq!(id.map(|i| i.get()), Some(r#""q""#));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejections_keep_the_id() {
+        let r = parse_command(r#"{"op":"publish","topic":"a.*","data":1,"id":7}"#).expect_err("wild");
+        assert_eq!(r.code, ErrorCode::BadRequest);
+        assert_eq!(r.id.map(|i| i.get()), Some("7"));
+        let r = parse_command(r#"{"op":"dance","topic":"a","id":"x"}"#).expect_err("op");
+        assert!(r.message.contains("unknown op"));
+        let r = parse_command("{not json").expect_err("json");
+        assert!(r.id.is_none());
+        let r = parse_command(r#"{"op":"subscribe","topic":"a","id":{"o":1}}"#).expect_err("id");
+        assert!(r.id.is_none());
+        let r = parse_command(r#"{"op":"subscribe","op":"publish","topic":"a"}"#).expect_err("dup");
+        assert!(r.message.contains("duplicate"));
+    }
+
+    #[test]
+    fn topic_rules() {
+        for ok in ["a", "a.b", "A-z_0:9.x", "a.*.c", "a.>", ">", "*"] {
+            assert!(validate_topic(ok, true).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "a.", ".a", "a..b", "a.>.b", "a b", "a/b", "é", "a.b*", "a>"] {
+            assert!(validate_topic(bad, true).is_err(), "{bad}");
+        }
+        assert!(validate_topic("a.*", false).is_err());
+        assert!(validate_topic(&"a".repeat(256), false).is_ok());
+        assert!(validate_topic(&"a".repeat(257), false).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!(r#"{{"op":"publish","topic":"a","data":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        let r = parse_command(&deep).expect_err("too deep");
+        assert_eq!(r.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn encodes_frames() {
+        assert_eq!(encode_message("a.b", r#"{"x":1}"#), r#"{"type":"message","topic":"a.b","data":{"x":1}}"#);
+        let id = RawValue::from_string("5".into()).expect("raw");
+        assert_eq!(encode_ack(&id), r#"{"type":"ack","id":5}"#);
+        let e = encode_error(Some(&id), ErrorCode::Limit, "too \"many\"");
+        let v: serde_json::Value = serde_json::from_str(&e).expect("json");
+        assert_eq!(v["code"], "limit");
+        assert_eq!(v["id"], 5);
+        assert_eq!(v["message"], "too \"many\"");
+    }
+}

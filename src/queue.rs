@@ -1,0 +1,345 @@
+//! The bounded per-connection outbound queue ("outbox") and its overflow
+//! policy. Publishers push without ever awaiting; the connection's writer
+//! takes everything queued in one swap and writes it as one batch.
+//!
+//! Replies to the connection's own requests (acks, errors) share the queue so
+//! they stay in order with messages, but they are never dropped and do not
+//! count against the data bounds; the reader waits when too many are pending
+//! (a client that floods requests without reading only slows itself).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::config::Overflow;
+
+/// Replies pending before the reader waits for the writer.
+pub const MAX_PENDING_REPLIES: usize = 256;
+
+/// Bounds of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most data messages queued.
+    pub capacity: usize,
+    /// Most data bytes queued (encoded frame length).
+    pub max_bytes: usize,
+    /// What to do when a push would exceed either bound.
+    pub overflow: Overflow,
+}
+
+/// One queued frame.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The encoded text frame, shared between all subscribers.
+    pub frame: Utf8Bytes,
+    /// When the publish was accepted (for the delivery latency histogram).
+    pub enqueued: Instant,
+    /// Replies are never dropped.
+    pub reply: bool,
+}
+
+/// Outcome of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued without loss.
+    Queued,
+    /// Queued, and one older message was dropped for it.
+    DroppedOldest,
+    /// The new message was dropped.
+    DroppedNewest,
+    /// The queue overflowed under `disconnect`: the connection is being closed.
+    Disconnect,
+    /// The connection is closing; nothing was queued.
+    Closed,
+}
+
+/// Why the writer should close the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Close reason text.
+    pub reason: &'static str,
+    /// The metrics reason label.
+    pub label: crate::metrics::CloseReason,
+}
+
+#[derive(Default)]
+struct Inner {
+    queue: VecDeque<Queued>,
+    data_len: usize,
+    data_bytes: usize,
+    replies: usize,
+    close: Option<CloseRequest>,
+}
+
+/// A connection's outbound queue.
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    writer: Notify,
+    reply_space: Notify,
+    closing: CancellationToken,
+    limits: QueueLimits,
+}
+
+/// Occupancy snapshot, for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Data messages queued.
+    pub messages: usize,
+    /// Data bytes queued.
+    pub bytes: usize,
+    /// Replies queued.
+    pub replies: usize,
+}
+
+impl Outbox {
+    /// An empty outbox with these bounds.
+    pub fn new(limits: QueueLimits) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner::default()),
+            writer: Notify::new(),
+            reply_space: Notify::new(),
+            closing: CancellationToken::new(),
+            limits,
+        }
+    }
+
+    /// Queues a published message, applying the overflow policy. Never waits.
+    pub fn push(&self, frame: &Utf8Bytes, enqueued: Instant) -> Push {
+        let len = frame.len();
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return Push::Closed;
+        }
+        let full = |i: &Inner| {
+            i.data_len >= self.limits.capacity || i.data_bytes + len > self.limits.max_bytes
+        };
+        let mut outcome = Push::Queued;
+        if full(&inner) {
+            match self.limits.overflow {
+                Overflow::DropNewest => return Push::DroppedNewest,
+                Overflow::Disconnect => {
+                    inner.close = Some(CloseRequest {
+                        code: 1008,
+                        reason: "slow consumer",
+                        label: crate::metrics::CloseReason::SlowConsumer,
+                    });
+                    self.closing.cancel();
+                    // The queued data will never be written: free it now.
+                    inner.queue.retain(|q| q.reply);
+                    inner.data_len = 0;
+                    inner.data_bytes = 0;
+                    drop(inner);
+                    self.writer.notify_one();
+                    return Push::Disconnect;
+                }
+                Overflow::DropOldest => {
+                    while full(&inner) {
+                        match inner.queue.iter().position(|q| !q.reply) {
+                            Some(pos) => {
+                                if let Some(old) = inner.queue.remove(pos) {
+                                    inner.data_len -= 1;
+                                    inner.data_bytes -= old.frame.len();
+                                }
+                            }
+                            // Larger than the whole byte budget on its own.
+                            None => return Push::DroppedNewest,
+                        }
+                    }
+                    outcome = Push::DroppedOldest;
+                }
+            }
+        }
+        let was_empty = inner.queue.is_empty();
+        inner.queue.push_back(Queued {
+            frame: frame.clone(),
+            enqueued,
+            reply: false,
+        });
+        inner.data_len += 1;
+        inner.data_bytes += len;
+        drop(inner);
+        // The writer takes everything at once, so it needs waking only when
+        // the queue goes from empty to non-empty.
+        if was_empty {
+            self.writer.notify_one();
+        }
+        outcome
+    }
+
+    /// Queues a reply (ack or error) in order with messages; waits while too
+    /// many replies are pending. Returns false when the connection is closing.
+    pub async fn reply(&self, frame: Utf8Bytes) -> bool {
+        loop {
+            let wait = {
+                let mut inner = self.inner.lock();
+                if inner.close.is_some() {
+                    return false;
+                }
+                if inner.replies < MAX_PENDING_REPLIES {
+                    let was_empty = inner.queue.is_empty();
+                    inner.queue.push_back(Queued {
+                        frame,
+                        enqueued: Instant::now(),
+                        reply: true,
+                    });
+                    inner.replies += 1;
+                    drop(inner);
+                    if was_empty {
+                        self.writer.notify_one();
+                    }
+                    return true;
+                }
+                self.reply_space.notified()
+            };
+            wait.await;
+        }
+    }
+
+    /// Moves everything queued into `out` (which must be empty) and returns
+    /// the close request, if any. Called by the writer only.
+    pub fn take(&self, out: &mut VecDeque<Queued>) -> Option<CloseRequest> {
+        let mut inner = self.inner.lock();
+        if let Some(close) = inner.close.clone() {
+            return Some(close);
+        }
+        std::mem::swap(&mut inner.queue, out);
+        let had_replies = inner.replies > 0;
+        inner.data_len = 0;
+        inner.data_bytes = 0;
+        inner.replies = 0;
+        drop(inner);
+        if had_replies {
+            self.reply_space.notify_waiters();
+        }
+        None
+    }
+
+    /// Waits until there is something to take (or a close request).
+    pub async fn ready(&self) {
+        self.writer.notified().await
+    }
+
+    /// Asks the writer to close the connection; the first request wins.
+    pub fn close(&self, request: CloseRequest) {
+        let mut inner = self.inner.lock();
+        if inner.close.is_none() {
+            inner.close = Some(request);
+            self.closing.cancel();
+        }
+        drop(inner);
+        self.writer.notify_one();
+        self.reply_space.notify_waiters();
+    }
+
+    /// True once a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Cancelled once a close was requested (interrupts a stuck write).
+    pub fn closing_token(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    /// Current occupancy.
+    pub fn occupancy(&self) -> Occupancy {
+        let inner = self.inner.lock();
+        Occupancy {
+            messages: inner.data_len,
+            bytes: inner.data_bytes,
+            replies: inner.replies,
+        }
+    }
+
+    /// The bounds this outbox enforces.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_string())
+    }
+
+    fn outbox(capacity: usize, max_bytes: usize, overflow: Overflow) -> Outbox {
+        Outbox::new(QueueLimits {
+            capacity,
+            max_bytes,
+            overflow,
+        })
+    }
+
+    fn drain(o: &Outbox) -> Vec<String> {
+        let mut out = VecDeque::new();
+        assert!(o.take(&mut out).is_none());
+        out.into_iter().map(|q| q.frame.as_str().to_string()).collect()
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest() {
+        let o = outbox(3, 1000, Overflow::DropOldest);
+        let now = Instant::now();
+        for i in 0..5 {
+            let r = o.push(&frame(&i.to_string()), now);
+            assert_eq!(r, if i < 3 { Push::Queued } else { Push::DroppedOldest });
+        }
+        assert_eq!(drain(&o), vec!["2", "3", "4"]);
+    }
+
+    #[test]
+    fn drop_newest_keeps_the_oldest() {
+        let o = outbox(2, 1000, Overflow::DropNewest);
+        let now = Instant::now();
+        for i in 0..4 {
+            o.push(&frame(&i.to_string()), now);
+        }
+        assert_eq!(drain(&o), vec!["0", "1"]);
+    }
+
+    #[test]
+    fn byte_bound_applies() {
+        let o = outbox(100, 10, Overflow::DropOldest);
+        let now = Instant::now();
+        for _ in 0..5 {
+            o.push(&frame("abcd"), now);
+        }
+        let occ = o.occupancy();
+        assert_eq!(occ.messages, 2);
+        assert!(occ.bytes <= 10);
+        assert_eq!(o.push(&frame("this is far too long"), now), Push::DroppedNewest);
+    }
+
+    #[test]
+    fn disconnect_requests_a_close_and_frees_data() {
+        let o = outbox(1, 1000, Overflow::Disconnect);
+        let now = Instant::now();
+        assert_eq!(o.push(&frame("a"), now), Push::Queued);
+        assert_eq!(o.push(&frame("b"), now), Push::Disconnect);
+        assert_eq!(o.occupancy().messages, 0);
+        assert_eq!(o.push(&frame("c"), now), Push::Closed);
+        let mut out = VecDeque::new();
+        let close = o.take(&mut out).expect("close requested");
+        assert_eq!(close.code, 1008);
+        assert_eq!(close.reason, "slow consumer");
+    }
+
+    #[tokio::test]
+    async fn replies_are_never_dropped_and_stay_in_order() {
+        let o = outbox(1, 1000, Overflow::DropOldest);
+        let now = Instant::now();
+        o.push(&frame("m1"), now);
+        assert!(o.reply(frame("ack")).await);
+        o.push(&frame("m2"), now);
+        assert_eq!(drain(&o), vec!["ack", "m2"]);
+    }
+}

@@ -1,0 +1,360 @@
+//! TLS: building the rustls `ServerConfig` from PEM files (or a generated dev
+//! certificate), with exactly one crypto provider (ring), and the swappable
+//! handle that lets SIGHUP replace the certificate for new handshakes.
+//!
+//! PEM parsing uses rustls-pki-types' `PemObject` (re-exported by rustls):
+//! rustls-pemfile is unmaintained (RUSTSEC-2025-0134) and its code lives on there.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::{TlsMinVersion, TlsSettings};
+
+/// Errors building TLS material; each names the file (and config key) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{key}: {reason}: {}", path.display())]
+    File {
+        /// Config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The contents are not what the key requires.
+    #[error("{key}: {reason} ({})", path.display())]
+    Content {
+        /// Config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The development certificate could not be generated or written.
+    #[error("tls: dev certificate: {0}")]
+    Dev(String),
+}
+
+/// The single crypto provider used across the whole process.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default, so no library can pick another at run time.
+pub fn install_default_provider() {
+    // Err only means it was installed already (tests start many servers).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::File {
+        key,
+        path: path.to_path_buf(),
+        reason: match e.kind() {
+            std::io::ErrorKind::NotFound => "file not found".into(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+            _ => format!("cannot read ({e})"),
+        },
+    })
+}
+
+/// Reads a PEM certificate chain (leaf first).
+pub fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(key, path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    let certs = certs.map_err(|e| TlsError::Content {
+        key,
+        path: path.to_path_buf(),
+        reason: format!("malformed PEM: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Content {
+            key,
+            path: path.to_path_buf(),
+            reason: "no CERTIFICATE block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_file(key, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Content {
+        key,
+        path: path.to_path_buf(),
+        reason: match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                "no PRIVATE KEY block found (PKCS#8, PKCS#1 or SEC1 PEM expected)".into()
+            }
+            other => format!("malformed PEM: {other}"),
+        },
+    })
+}
+
+/// Loads a chain + key and checks that they belong together.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs("tls.cert", cert)?;
+    let der = load_key("tls.key", key)?;
+    certified_key(chain, der, cert, key)
+}
+
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    der: PrivateKeyDer<'static>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let provider = provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| TlsError::Content {
+            key: "tls.key",
+            path: key.to_path_buf(),
+            reason: format!("unsupported private key: {e}"),
+        })?;
+    let ck = CertifiedKey::new(chain, signing);
+    match ck.keys_match() {
+        Ok(()) => Ok(Arc::new(ck)),
+        // Unknown means the key type cannot be compared; rustls will still
+        // fail the handshake if they differ, so let it through.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(ck))
+        }
+        Err(e) => Err(TlsError::Content {
+            key: "tls.key",
+            path: key.to_path_buf(),
+            reason: format!("does not match the certificate in tls.cert {}: {e}", cert.display()),
+        }),
+    }
+}
+
+/// A generated self-signed certificate for `localhost` and `127.0.0.1`.
+pub struct DevCert {
+    /// The certificate in PEM, for clients to trust.
+    pub cert_pem: String,
+    /// Chain + key for the server.
+    pub certified: Arc<CertifiedKey>,
+}
+
+/// Generates the `--dev` certificate.
+pub fn generate_dev_cert() -> Result<DevCert, TlsError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let generated =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Dev(e.to_string()))?;
+    let cert_der = generated.cert.der().clone();
+    let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let certified = certified_key(vec![cert_der], key_der, Path::new("(generated)"), Path::new("(generated)"))?;
+    Ok(DevCert {
+        cert_pem: generated.cert.pem(),
+        certified,
+    })
+}
+
+/// Everything a config's `[tls]` section resolves to.
+pub struct TlsMaterial {
+    /// Server chain + key.
+    pub certified: Arc<CertifiedKey>,
+    /// Roots for client certificates, when mTLS is on.
+    pub client_roots: Option<Arc<RootCertStore>>,
+    /// Lowest version offered.
+    pub min_version: TlsMinVersion,
+}
+
+impl TlsMaterial {
+    /// Loads the files named by `settings`; `dev` supplies the key when none is configured.
+    pub fn load(settings: &TlsSettings, dev: Option<&DevCert>) -> Result<Self, TlsError> {
+        let certified = match (&settings.cert, &settings.key, dev) {
+            (Some(c), Some(k), _) => load_certified_key(c, k)?,
+            (_, _, Some(dev)) => dev.certified.clone(),
+            (None, _, None) => {
+                return Err(TlsError::File {
+                    key: "tls.cert",
+                    path: PathBuf::new(),
+                    reason: "required".into(),
+                })
+            }
+            (_, None, None) => {
+                return Err(TlsError::File {
+                    key: "tls.key",
+                    path: PathBuf::new(),
+                    reason: "required".into(),
+                })
+            }
+        };
+        let client_roots = match &settings.client_ca {
+            None => None,
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for cert in load_certs("tls.client_ca", path)? {
+                    roots.add(cert).map_err(|e| TlsError::Content {
+                        key: "tls.client_ca",
+                        path: path.clone(),
+                        reason: format!("not a usable CA certificate: {e}"),
+                    })?;
+                }
+                Some(Arc::new(roots))
+            }
+        };
+        Ok(TlsMaterial {
+            certified,
+            client_roots,
+            min_version: settings.min_version,
+        })
+    }
+
+    /// Builds the rustls server configuration (ALPN `http/1.1`).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match self.min_version {
+            TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
+        };
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)?;
+        let builder = match &self.client_roots {
+            None => builder.with_no_client_auth(),
+            Some(roots) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                        .build()
+                        .map_err(|e| TlsError::Dev(format!("client verifier: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(self.certified.clone()));
+        let mut config = builder.with_cert_resolver(resolver);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Validates `[tls]` for check-config, pushing one line per problem.
+pub fn validate(settings: &TlsSettings, errors: &mut Vec<String>) {
+    if let (Some(c), Some(k)) = (&settings.cert, &settings.key) {
+        let chain = load_certs("tls.cert", c);
+        let key = load_key("tls.key", k);
+        match (chain, key) {
+            (Ok(chain), Ok(key)) => {
+                if let Err(e) = certified_key(chain, key, c, k) {
+                    errors.push(e.to_string());
+                }
+            }
+            (chain, key) => {
+                if let Err(e) = chain {
+                    errors.push(e.to_string());
+                }
+                if let Err(e) = key {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    if let Some(ca) = &settings.client_ca {
+        if let Err(e) = load_certs("tls.client_ca", ca) {
+            errors.push(e.to_string());
+        }
+    }
+}
+
+/// The current server configuration, swapped atomically on reload.
+pub struct TlsState {
+    current: ArcSwap<ServerConfig>,
+}
+
+impl TlsState {
+    /// Wraps an initial configuration.
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        TlsState {
+            current: ArcSwap::new(config),
+        }
+    }
+
+    /// The configuration new handshakes use.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Replaces the configuration for all later handshakes.
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.current.store(config);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_cert_builds_a_server_config() {
+        let dev = generate_dev_cert().expect("dev cert");
+        assert!(dev.cert_pem.contains("BEGIN CERTIFICATE"));
+        let settings = TlsSettings {
+            cert: None,
+            key: None,
+            min_version: TlsMinVersion::Tls12,
+            client_ca: None,
+        };
+        let m = TlsMaterial::load(&settings, Some(&dev)).expect("material");
+        let cfg = m.server_config().expect("config");
+        assert_eq!(cfg.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn mismatched_key_is_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).expect("a");
+        let b = rcgen::generate_simple_self_signed(vec!["b".into()]).expect("b");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, a.cert.pem()).expect("w");
+        std::fs::write(&key, b.signing_key.serialize_pem()).expect("w");
+        let mut errors = Vec::new();
+        validate(
+            &TlsSettings {
+                cert: Some(cert),
+                key: Some(key),
+                min_version: TlsMinVersion::Tls12,
+                client_ca: None,
+            },
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("tls.key: does not match"), "{errors:?}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let mut errors = Vec::new();
+        validate(
+            &TlsSettings {
+                cert: Some("/nonexistent/c.pem".into()),
+                key: Some("/nonexistent/k.pem".into()),
+                min_version: TlsMinVersion::Tls12,
+                client_ca: None,
+            },
+            &mut errors,
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "tls.cert: file not found: /nonexistent/c.pem".to_string(),
+                "tls.key: file not found: /nonexistent/k.pem".to_string()
+            ]
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! Test harness: an in-process broker on 127.0.0.1 port 0 with a fresh rcgen
+//! certificate, and a real WebSocket client over real TLS.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use wsbroker::config::{LoadOptions, Settings};
+use wsbroker::server::RunningServer;
+
+/// How long any single expectation may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The origin every harness server allows.
+pub const ORIGIN: &str = "https://app.example.com";
+
+/// A WebSocket client connection.
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A certificate + key for `localhost` / 127.0.0.1, written to a temp dir.
+pub struct TestCert {
+    pub dir: tempfile::TempDir,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+    pub cert_der: CertificateDer<'static>,
+}
+
+pub fn make_cert() -> TestCert {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, ck.signing_key.serialize_pem()).expect("write key");
+    TestCert {
+        dir,
+        cert_path,
+        key_path,
+        cert_der: ck.cert.der().clone(),
+    }
+}
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub addr: SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub cert: TestCert,
+}
+
+pub fn client_config(root: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Loads settings for a test server: the given overrides (env-style keys,
+/// e.g. `WSBROKER__SERVER__MAX_MESSAGE_SIZE`) on top of a minimal file.
+pub fn settings(cert: &TestCert, overrides: &[(&str, &str)]) -> Settings {
+    let file = cert.dir.path().join("wsbroker.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[origins]\nallow = [\"{ORIGIN}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+        cert.cert_path.display(),
+        cert.key_path.display()
+    );
+    std::fs::write(&file, toml).expect("write config");
+    let env: HashMap<String, String> = overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Settings::load(&LoadOptions {
+        path: Some(file),
+        dev: false,
+        env: Some(env),
+    })
+    .expect("valid test settings")
+}
+
+impl TestServer {
+    pub async fn start(overrides: &[(&str, &str)]) -> TestServer {
+        let cert = make_cert();
+        let s = settings(&cert, overrides);
+        let server = wsbroker::server::start(s).await.expect("server starts");
+        let addr = server.local_addrs()[0];
+        TestServer {
+            tls: client_config(&cert.cert_der),
+            server,
+            addr,
+            cert,
+        }
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.server.admin_addr().expect("admin enabled")
+    }
+
+    /// TLS connection to the wss port, nothing sent yet.
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.expect("tcp connect");
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let name = ServerName::try_from("localhost").expect("name");
+        connector.connect(name, tcp).await.expect("tls connect")
+    }
+
+    /// WebSocket upgrade with optional Origin; Err carries tungstenite's error (HTTP status).
+    pub async fn try_ws(
+        &self,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("wss://localhost:{}{}", self.addr.port(), path)
+            .into_client_request()
+            .expect("request");
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().expect("header"));
+        }
+        let tls = self.tls().await;
+        tokio_tungstenite::client_async(req, tls)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// A connected client with the allowed origin.
+    pub async fn ws(&self) -> Ws {
+        self.try_ws("/ws", Some(ORIGIN)).await.expect("upgrade")
+    }
+
+    /// Sends a raw HTTP request over TLS and returns the whole response.
+    pub async fn raw_http(&self, request: &str) -> String {
+        let mut tls = self.tls().await;
+        tls.write_all(request.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// `GET /metrics` from the admin listener.
+    pub async fn metrics(&self) -> String {
+        admin_request(self.admin(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+    }
+}
+
+/// Sends a raw plain-HTTP request to an admin address.
+pub async fn admin_request(addr: SocketAddr, request: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.expect("admin connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one metric sample value (`name{labels}` exactly as rendered).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("series {series} not found in:\n{text}"))
+}
+
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+}
+
+/// Next text frame as JSON (skipping pings); panics on timeout or close.
+pub async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("stream ended")
+            .expect("read error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Next text frame as the raw string.
+pub async fn recv_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("stream ended")
+            .expect("read error");
+        match msg {
+            Message::Text(t) => return t.as_str().to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Asserts nothing arrives within `d`.
+pub async fn expect_silence(ws: &mut Ws, d: Duration) {
+    loop {
+        match tokio::time::timeout(d, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected silence, got {other:?}"),
+        }
+    }
+}
+
+/// Waits for the server's close frame and returns it.
+pub async fn expect_close(ws: &mut Ws) -> Option<CloseFrame> {
+    loop {
+        let next = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out waiting for close");
+        match next {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("error before close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
+/// subscribe + wait for the ack.
+pub async fn subscribe(ws: &mut Ws, topic: &str, id: u64) {
+    send(ws, serde_json::json!({"op":"subscribe","topic":topic,"id":id})).await;
+    let ack = recv(ws).await;
+    assert_eq!(ack, serde_json::json!({"type":"ack","id":id}), "subscribe {topic}");
+}
+
+/// publish + wait for the ack (the publisher must not be subscribed to `topic`).
+pub async fn publish(ws: &mut Ws, topic: &str, data: Value, id: u64) {
+    send(ws, serde_json::json!({"op":"publish","topic":topic,"data":data,"id":id})).await;
+    let ack = recv(ws).await;
+    assert_eq!(ack, serde_json::json!({"type":"ack","id":id}), "publish {topic}");
+}

@@ -1,0 +1,132 @@
+//! End-to-end handshake tests (CONTRACT §3): path, upgrade validity, Origin.
+
+mod common;
+
+use common::*;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+fn status_of(r: Result<Ws, WsError>) -> (u16, String) {
+    match r {
+        Ok(_) => (101, String::new()),
+        Err(WsError::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_path_is_404() {
+    let srv = TestServer::start(&[]).await;
+    let (status, body) = status_of(srv.try_ws("/nope", Some(ORIGIN)).await);
+    assert_eq!(status, 404);
+    assert!(body.contains("/ws"), "{body}");
+    let (status, _) = status_of(srv.try_ws("/ws?x=1", Some(ORIGIN)).await);
+    assert_eq!(status, 101, "a query string does not change the path");
+}
+
+#[tokio::test]
+async fn non_upgrade_requests_are_refused_with_a_reason() {
+    let srv = TestServer::start(&[]).await;
+    let resp = srv.raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
+    let resp = srv
+        .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com\r\n\r\n")
+        .await;
+    assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
+    assert!(resp.contains("Sec-WebSocket-Version: 13"), "{resp}");
+    let resp = srv
+        .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example.com\r\n\r\n")
+        .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("Sec-WebSocket-Key"), "{resp}");
+    let resp = srv.raw_http("this is not http\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let huge = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    let resp = srv.raw_http(&huge).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    let m = srv.metrics().await;
+    assert!(metric(&m, r#"wsbroker_handshake_rejected_total{reason="bad_request"}"#) >= 5.0);
+}
+
+#[tokio::test]
+async fn smuggling_shapes_are_refused() {
+    let srv = TestServer::start(&[]).await;
+    let base = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example.com\r\n";
+    let dup = format!("{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+    let resp = srv.raw_http(&dup).await;
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("duplicate"), "{resp}");
+    let te = format!("{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let resp = srv.raw_http(&te).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+async fn origin_status(srv: &TestServer, origin: Option<&str>) -> (u16, String) {
+    status_of(srv.try_ws("/ws", origin).await)
+}
+
+#[tokio::test]
+async fn origin_rules_allow_and_deny() {
+    let allow = "https://app.example.com,https://*.example.org,http://localhost:*,https://plain.test,null";
+    let srv = TestServer::start(&[("WSBROKER__ORIGINS__ALLOW", allow)]).await;
+    let cases: &[(&str, u16)] = &[
+        ("https://app.example.com", 101),
+        ("https://APP.Example.COM", 101),
+        ("https://app.example.com:443", 101),
+        ("http://app.example.com", 403),
+        ("https://app.example.com:8443", 403),
+        ("https://evil.com", 403),
+        ("https://a.example.org", 101),
+        ("https://a.b.example.org", 101),
+        ("https://example.org", 403),
+        ("https://example.org.evil.net", 403),
+        ("https://a.example.org.evil.net", 403),
+        ("https://badexample.org", 403),
+        ("http://localhost:3000", 101),
+        ("http://localhost", 101),
+        ("http://localhost.evil.net:3000", 403),
+        ("https://plain.test", 101),
+        ("https://plain.test:443", 101),
+        ("https://plain.test:444", 403),
+        ("null", 101),
+        ("https://app.example.com/path", 403),
+    ];
+    for (origin, want) in cases {
+        let (status, body) = origin_status(&srv, Some(origin)).await;
+        assert_eq!(status, *want, "origin {origin}: {body}");
+        if status == 403 {
+            assert!(body.to_lowercase().contains("origin"), "403 body says why: {body}");
+        }
+    }
+    let m = srv.metrics().await;
+    assert!(metric(&m, r#"wsbroker_handshake_rejected_total{reason="origin"}"#) >= 10.0);
+}
+
+#[tokio::test]
+async fn null_origin_is_denied_unless_listed() {
+    let srv = TestServer::start(&[]).await;
+    let (status, _) = origin_status(&srv, Some("null")).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn missing_origin_denied_by_default() {
+    let srv = TestServer::start(&[]).await;
+    let (status, body) = origin_status(&srv, None).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("missing Origin"), "{body}");
+}
+
+#[tokio::test]
+async fn missing_origin_allowed_when_configured() {
+    let srv = TestServer::start(&[("WSBROKER__ORIGINS__ALLOW_MISSING", "true")]).await;
+    let (status, body) = origin_status(&srv, None).await;
+    assert_eq!(status, 101, "{body}");
+    let (status, _) = origin_status(&srv, Some("https://evil.com")).await;
+    assert_eq!(status, 403, "allow_missing does not allow wrong origins");
+}
