@@ -576,7 +576,8 @@ fn from_tree(mut root: Map<String, Value>, dev: bool) -> Result<Settings, Config
         let allow = s.strings("allow", default_allow);
         let allow_missing = s.bool("allow_missing", false);
         if let Err(e) = crate::origin::OriginPolicy::new(&allow, allow_missing) {
-            s.err("allow", e);
+            // The error already names the entry (`origins.allow[i]: …`).
+            s.errors.push(e.to_string());
         }
         s.finish();
         OriginSettings {

@@ -77,12 +77,14 @@ fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRe
 /// The peer started the close (or vanished): finish the handshake, nothing more.
 const PEER_CLOSED: u16 = 0;
 
-/// Runs a connection to its end.
+/// Runs a connection to its end. The writer is a task of its own, so a
+/// publish wakes only the writer (not the reader) of each subscriber.
 pub async fn run<S>(ws: WebSocketStream<S>, ctx: Context)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", id = ctx.id, peer = %ctx.peer);
+    let ctx = Arc::new(ctx);
     async move {
         let m = ctx.metrics;
         m.connections_opened.increment(1);
@@ -102,29 +104,41 @@ where
         let (mut sink, mut stream) = ws.split();
         let reader_done = CancellationToken::new();
         let stop_reader = CancellationToken::new();
+        let writer = {
+            let ctx = ctx.clone();
+            let reader_done = reader_done.clone();
+            let stop_reader = stop_reader.clone();
+            tokio::spawn(
+                async move {
+                    let reason = tokio::select! {
+                        r = write_loop(&mut sink, &ctx, &outbox, &reader_done, &stop_reader) => Some(r),
+                        _ = ctx.hard.cancelled() => None,
+                    };
+                    stop_reader.cancel();
+                    (sink, reason)
+                }
+                .in_current_span(),
+            )
+        };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
-        let reader = read_loop(&mut stream, &ctx, &sub, &mut patterns, &stop_reader);
-        let reader = async {
-            reader.await;
-            reader_done.cancel();
-        };
-        let writer = write_loop(&mut sink, &ctx, &outbox, &reader_done, &stop_reader);
-        let both = async { tokio::join!(reader, writer).1 };
-        let reason = tokio::select! {
-            reason = both => Some(reason),
-            _ = ctx.hard.cancelled() => None,
-        };
-        let reason = match (reason, sink.reunite(stream)) {
-            (Some(reason), Ok(mut ws)) => {
-                // close_notify, so TLS clients see a clean end of stream.
-                let _ = timeout(CLOSE_WAIT, ws.get_mut().shutdown()).await;
-                reason
-            }
-            (Some(reason), Err(_)) => reason,
-            (None, _) => CloseReason::Shutdown,
-        };
+        tokio::select! {
+            _ = read_loop(&mut stream, &ctx, &sub, &mut patterns, &stop_reader) => {}
+            _ = ctx.hard.cancelled() => {}
+        }
+        reader_done.cancel();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
+        let reason = match writer.await {
+            Ok((sink, Some(reason))) => {
+                if let Ok(mut ws) = sink.reunite(stream) {
+                    // close_notify, so TLS clients see a clean end of stream.
+                    let _ = timeout(CLOSE_WAIT, ws.get_mut().shutdown()).await;
+                }
+                reason
+            }
+            Ok((_, None)) => CloseReason::Shutdown,
+            Err(_) => CloseReason::Error,
+        };
         m.connections_active.decrement(1.0);
         m.closed(reason).increment(1);
         info!(reason = reason.as_str(), "connection closed");

@@ -115,13 +115,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Sub { client, topics } => {
-            finish(rt.block_on(wsbroker::client::run_sub(&client, &topics)))
+            let r = rt.block_on(wsbroker::client::run_sub(&client, &topics));
+            finish(r, |e| e.is_usage())
         }
         Command::Pub {
             client,
             topic,
             data,
-        } => finish(rt.block_on(wsbroker::client::run_pub(&client, &topic, &data))),
+        } => {
+            let r = rt.block_on(wsbroker::client::run_pub(&client, &topic, &data));
+            finish(r, |e| e.is_usage())
+        }
         Command::Bench(args) => match rt.block_on(wsbroker::bench::run(&args)) {
             Ok(report) => match serde_json::to_string(&report) {
                 Ok(line) => {
@@ -135,18 +139,19 @@ fn main() -> ExitCode {
             },
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(1)
+                ExitCode::from(if e.is_usage() { 2 } else { 1 })
             }
         },
     }
 }
 
-fn finish<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+/// Exit code 2 for usage mistakes (bad URL, unreadable --ca, bad --data), 1 otherwise.
+fn finish<E: std::fmt::Display>(result: Result<(), E>, is_usage: impl Fn(&E) -> bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(if is_usage(&e) { 2 } else { 1 })
         }
     }
 }
