@@ -45,6 +45,8 @@ pub struct Fanout {
 /// Subscriptions and message routing.
 pub struct Broker {
     index: RwLock<TopicIndex<Arc<Subscriber>>>,
+    /// Every open connection, for inspection (queue occupancy) and drain.
+    registry: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Subscriber>>>,
     metrics: &'static Metrics,
     drop_log: crate::logging::RateLimit,
 }
@@ -54,9 +56,31 @@ impl Broker {
     pub fn new(metrics: &'static Metrics) -> Self {
         Broker {
             index: RwLock::new(TopicIndex::new()),
+            registry: parking_lot::Mutex::new(std::collections::HashMap::new()),
             metrics,
             drop_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
         }
+    }
+
+    /// Records an open connection.
+    pub fn register(&self, sub: &Arc<Subscriber>) {
+        self.registry.lock().insert(sub.id, sub.clone());
+    }
+
+    /// Forgets a closed connection.
+    pub fn deregister(&self, id: u64) {
+        self.registry.lock().remove(&id);
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    /// The outbox occupancy of every open connection, by id.
+    pub fn occupancies(&self) -> Vec<(u64, crate::queue::Occupancy)> {
+        let subs: Vec<Arc<Subscriber>> = self.registry.lock().values().cloned().collect();
+        subs.iter().map(|s| (s.id, s.outbox.occupancy())).collect()
     }
 
     /// Adds `sub` to `pattern`; false when it was already subscribed.

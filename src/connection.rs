@@ -101,6 +101,7 @@ where
             peer: ctx.peer,
             subscriptions: AtomicUsize::new(0),
         });
+        ctx.broker.register(&sub);
         let (mut sink, mut stream) = ws.split();
         let reader_done = CancellationToken::new();
         let stop_reader = CancellationToken::new();
@@ -128,6 +129,7 @@ where
         reader_done.cancel();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
+        ctx.broker.deregister(ctx.id);
         let reason = match writer.await {
             Ok((sink, Some(reason))) => {
                 if let Ok(mut ws) = sink.reunite(stream) {

@@ -1,0 +1,215 @@
+//! Per-connection backpressure (CONTRACT §5): a stalled reader never slows the
+//! publisher or other subscribers, its queue stays within its bounds, drops
+//! are counted, and `disconnect` closes it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A client whose socket has a tiny receive buffer, so that when it stops
+/// reading the server's writes block quickly.
+async fn stalled_client(srv: &TestServer) -> Ws {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let tcp = socket.connect(srv.addr).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(srv.tls.clone());
+    let tls = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("tls");
+    let mut req = format!("wss://localhost:{}/ws", srv.addr.port())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Origin", ORIGIN.parse().expect("origin"));
+    let (ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade");
+    ws
+}
+
+const N: u64 = 100_000;
+
+fn payload(i: u64) -> String {
+    // ~200 bytes a message: 100,000 of them are far more than kernel buffers hold.
+    format!(r#"{{"op":"publish","topic":"bp","data":[{i},"{}"]}}"#, "p".repeat(180))
+}
+
+/// Chunk size: the fast subscriber's queue (64 KiB, ~290 messages) holds a
+/// whole chunk, so it keeps up; the stalled one overflows.
+const CHUNK: u64 = 200;
+
+/// Publishes N messages (no ids) at the pace of the fast subscriber, then one
+/// with an id, and returns how long the whole run took: the publisher is never
+/// blocked by the stalled reader.
+async fn publish_all(publ: &mut Ws, progress: &mut tokio::sync::watch::Receiver<u64>) -> Duration {
+    let start = Instant::now();
+    let mut i = 0;
+    while i < N {
+        let end = (i + CHUNK).min(N);
+        for j in i..end {
+            publ.feed(Message::Text(payload(j).into())).await.expect("feed");
+        }
+        publ.flush().await.expect("flush");
+        tokio::time::timeout(WAIT, progress.wait_for(|got| *got >= end))
+            .await
+            .expect("fast subscriber keeps up")
+            .expect("fast subscriber alive");
+        i = end;
+    }
+    send(publ, json!({"op":"publish","topic":"other","data":"end","id":"last"})).await;
+    let ack = recv(publ).await;
+    assert_eq!(ack, json!({"type":"ack","id":"last"}));
+    start.elapsed()
+}
+
+async fn fast_reader(mut ws: Ws, progress: tokio::sync::watch::Sender<u64>) -> u64 {
+    let mut next = 0u64;
+    while next < N {
+        let v = recv(&mut ws).await;
+        assert_eq!(v["data"][0], next, "fast subscriber gets every message in order");
+        next += 1;
+        if next % CHUNK == 0 || next == N {
+            progress.send_replace(next);
+        }
+    }
+    next
+}
+
+fn settings(overflow: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("WSBROKER__CONNECTION__QUEUE_CAPACITY", "1000"),
+        ("WSBROKER__CONNECTION__QUEUE_MAX_BYTES", "65536"),
+        ("WSBROKER__CONNECTION__OVERFLOW", overflow),
+        ("WSBROKER__CONNECTION__MAX_INBOUND_RATE", "0"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_with_drop_oldest() {
+    let srv = TestServer::start(&settings("drop_oldest")).await;
+    let dropped_before = metric(&srv.metrics().await, r#"wsbroker_messages_dropped_total{reason="queue_full"}"#);
+    let mut stalled = stalled_client(&srv).await;
+    subscribe(&mut stalled, "bp", 1).await;
+    let mut fast = srv.ws().await;
+    subscribe(&mut fast, "bp", 1).await;
+    let (tx, mut progress) = tokio::sync::watch::channel(0u64);
+    let fast = tokio::spawn(fast_reader(fast, tx));
+    let mut publ = srv.ws().await;
+
+    // Watch the stalled connection's queue while publishing.
+    let broker = srv.server.shared().broker.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_watch = stop.clone();
+    let watch = tokio::spawn(async move {
+        let mut max_msgs = 0;
+        let mut max_bytes = 0;
+        let mut samples = 0;
+        while !stop_watch.load(std::sync::atomic::Ordering::Relaxed) {
+            samples += 1;
+            for (_, occ) in broker.occupancies() {
+                max_msgs = max_msgs.max(occ.messages);
+                max_bytes = max_bytes.max(occ.bytes);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (max_msgs, max_bytes, samples)
+    });
+
+    let took = publish_all(&mut publ, &mut progress).await;
+    assert!(took < Duration::from_secs(60), "publisher took {took:?}");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(60), fast).await.expect("fast in time").expect("fast"), N);
+
+    let occ = srv
+        .server
+        .shared()
+        .broker
+        .occupancies()
+        .into_iter()
+        .map(|(_, o)| o)
+        .max_by_key(|o| o.messages)
+        .expect("connections");
+    assert!(occ.messages <= 1000 && occ.bytes <= 65536, "{occ:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max_msgs, max_bytes, samples) = watch.await.expect("watcher");
+    assert!(samples > 10, "the queue was watched while publishing");
+    assert!(max_msgs <= 1000, "queue exceeded queue_capacity: {max_msgs}");
+    assert!(max_bytes <= 65536, "queue exceeded queue_max_bytes: {max_bytes}");
+    assert!(max_bytes > 32768, "the stalled queue did fill up: {max_bytes}");
+    let dropped = metric(&srv.metrics().await, r#"wsbroker_messages_dropped_total{reason="queue_full"}"#);
+    assert!(dropped - dropped_before > 50_000.0, "drops counted: {}", dropped - dropped_before);
+
+    // Resumed, the stalled reader drains what is buffered and then gets the newest messages.
+    let mut last = None;
+    let mut seen = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), stalled.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                if let Some(i) = v["data"][0].as_u64() {
+                    if let Some(prev) = last {
+                        assert!(i > prev, "order kept across drops: {i} after {prev}");
+                    }
+                    last = Some(i);
+                    seen += 1;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("stalled reader lost its connection: {other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(last, Some(N - 1), "the newest message arrives after resuming");
+    assert!(seen < N, "some messages were dropped, got {seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
+    let srv = TestServer::start(&settings("disconnect")).await;
+    let mut stalled = stalled_client(&srv).await;
+    subscribe(&mut stalled, "bp", 1).await;
+    let mut fast = srv.ws().await;
+    subscribe(&mut fast, "bp", 1).await;
+    let (tx, mut progress) = tokio::sync::watch::channel(0u64);
+    let fast = tokio::spawn(fast_reader(fast, tx));
+    let mut publ = srv.ws().await;
+    publish_all(&mut publ, &mut progress).await;
+    assert_eq!(tokio::time::timeout(Duration::from_secs(60), fast).await.expect("fast in time").expect("fast"), N);
+    // The stalled one was cut: draining it ends in a 1008 close or the TCP close.
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stalled.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("stalled connection closed by the server");
+    if let Some(code) = ended {
+        assert_eq!(code, 1008);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = srv.metrics().await;
+        if metric(&m, r#"wsbroker_connections_closed_total{reason="slow_consumer"}"#) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slow_consumer close not counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The others still work.
+    let mut again = srv.ws().await;
+    subscribe(&mut again, "after", 1).await;
+    publish(&mut publ, "after", json!("ok"), 2).await;
+    assert_eq!(recv(&mut again).await["data"], "ok");
+}
