@@ -25,8 +25,18 @@ use crate::server::Shared;
 /// A whole admin exchange must finish within this.
 const REQUEST_BUDGET: Duration = Duration::from_secs(30);
 
+/// Admin connections served at once; beyond this new ones are closed at once,
+/// so a flood of idle admin clients cannot take the broker's file descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Serves the admin endpoints until the daemon is cut.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // max_connections only changes with a restart; publish it once for alerts.
+    crate::metrics::record_max_connections(
+        shared.metrics,
+        shared.settings.load().server.max_connections,
+    );
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = shared.hard.cancelled() => return,
@@ -40,8 +50,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(%peer, "too many admin connections; closing");
+            drop(tcp);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(req, &shared).await) }
@@ -76,10 +92,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(
-        status,
-        serde_json::json!({ "error": message }).to_string(),
-    )
+    json(status, serde_json::json!({ "error": message }).to_string())
 }
 
 async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
@@ -103,7 +116,15 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
         }
         (&Method::POST, "/publish") => publish(req, shared).await,
         (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            let allow = if path == "/publish" {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            resp.headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+            resp
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -113,9 +134,12 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
     let Some(value) = req.headers().get(AUTHORIZATION) else {
         return false;
     };
-    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else {
+    // The auth scheme is case-insensitive (RFC 9110 11.1).
+    let value = value.as_bytes();
+    if value.len() < 7 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
         return false;
-    };
+    }
+    let given = &value[7..];
     // Constant time: the comparison must not leak how much of the token matched.
     bool::from(given.ct_eq(token.as_bytes()))
 }
@@ -124,9 +148,9 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     let settings = shared.settings.load();
     let token = &settings.admin.publish_token;
     if token.is_empty() {
-        return text(
+        return error(
             StatusCode::NOT_FOUND,
-            "POST /publish is disabled (admin.publish_token is empty)\n",
+            "POST /publish is disabled (admin.publish_token is empty)",
         );
     }
     if !authorized(&req, token) {
@@ -149,6 +173,13 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     let Ok(body_text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
+    // serde would also take the fields positionally from an array.
+    if !body_text.trim_start().starts_with('{') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body must be a JSON object {\"topic\":\"…\",\"data\":<json>}",
+        );
+    }
     let parsed: HttpPublish<'_> = match serde_json::from_str(body_text) {
         Ok(p) => p,
         Err(e) => {
@@ -160,6 +191,12 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     };
     if let Err(reason) = protocol::validate_topic(&parsed.topic, false) {
         return error(StatusCode::BAD_REQUEST, &reason);
+    }
+    if !protocol::depth_within(parsed.data.get(), protocol::MAX_DATA_DEPTH) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("`data` nests deeper than {} levels", protocol::MAX_DATA_DEPTH),
+        );
     }
     let frame = Utf8Bytes::from(protocol::encode_message(&parsed.topic, parsed.data.get()));
     let fanout = shared.broker.publish(&parsed.topic, &frame);

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// wsbroker_tls_cert_not_after_seconds
     pub tls_cert_not_after: Gauge,
+    /// wsbroker_connections_max (server.max_connections)
+    pub connections_max: Gauge,
 }
 
 impl Metrics {
@@ -172,6 +174,7 @@ fn install() -> Installed {
         bytes_sent: metrics::counter!("wsbroker_bytes_sent_total"),
         delivery_latency: metrics::histogram!("wsbroker_delivery_latency_seconds"),
         tls_cert_not_after: metrics::gauge!("wsbroker_tls_cert_not_after_seconds"),
+        connections_max: metrics::gauge!("wsbroker_connections_max"),
     };
     // Touch every series so a scrape shows zeros from the start.
     for c in metrics.closed.iter().chain(metrics.rejected.iter()) {
@@ -192,6 +195,7 @@ fn install() -> Installed {
     metrics.subscriptions_active.set(0.0);
     metrics.topics_active.set(0.0);
     metrics::gauge!("wsbroker_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    spawn_upkeep(handle.clone());
     Installed {
         handle,
         metrics,
@@ -199,22 +203,82 @@ fn install() -> Installed {
     }
 }
 
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes. `build_recorder` does not spawn the exporter's upkeep task, and
+/// without upkeep every latency sample would be kept until the next scrape
+/// (unbounded memory on a host that is never scraped).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+fn spawn_upkeep(handle: PrometheusHandle) {
+    // A plain thread: the recorder may be installed outside a tokio runtime,
+    // and upkeep must not depend on one being alive.
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are folded on scrape only");
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!("wsbroker_connections_active", "Open WebSocket connections.");
-    describe_counter!("wsbroker_connections_opened_total", "WebSocket connections opened (upgrade completed).");
-    describe_counter!("wsbroker_connections_closed_total", "WebSocket connections closed, by reason.");
-    describe_counter!("wsbroker_handshake_rejected_total", "Connections refused before the upgrade, by reason.");
-    describe_gauge!("wsbroker_subscriptions_active", "Active subscriptions across all connections.");
+    describe_counter!(
+        "wsbroker_connections_opened_total",
+        "WebSocket connections opened (upgrade completed)."
+    );
+    describe_counter!(
+        "wsbroker_connections_closed_total",
+        "WebSocket connections closed, by reason."
+    );
+    describe_counter!(
+        "wsbroker_handshake_rejected_total",
+        "Connections refused before the upgrade, by reason."
+    );
+    describe_gauge!(
+        "wsbroker_subscriptions_active",
+        "Active subscriptions across all connections."
+    );
     describe_gauge!("wsbroker_topics_active", "Distinct subscribed patterns.");
-    describe_counter!("wsbroker_messages_published_total", "Messages accepted for publishing, by source.");
-    describe_counter!("wsbroker_messages_delivered_total", "Message frames written to subscriber sockets.");
-    describe_counter!("wsbroker_messages_dropped_total", "Messages dropped from outbound queues, by reason.");
-    describe_counter!("wsbroker_bytes_received_total", Unit::Bytes, "WebSocket payload bytes received from clients.");
-    describe_counter!("wsbroker_bytes_sent_total", Unit::Bytes, "WebSocket payload bytes sent to clients.");
+    describe_counter!(
+        "wsbroker_messages_published_total",
+        "Messages accepted for publishing, by source."
+    );
+    describe_counter!(
+        "wsbroker_messages_delivered_total",
+        "Message frames written to subscriber sockets."
+    );
+    describe_counter!(
+        "wsbroker_messages_dropped_total",
+        "Messages dropped from outbound queues, by reason."
+    );
+    describe_counter!(
+        "wsbroker_bytes_received_total",
+        Unit::Bytes,
+        "WebSocket payload bytes received from clients."
+    );
+    describe_counter!(
+        "wsbroker_bytes_sent_total",
+        Unit::Bytes,
+        "WebSocket payload bytes sent to clients."
+    );
     describe_histogram!("wsbroker_delivery_latency_seconds", Unit::Seconds, "Publish accepted to frame written to the socket (one sample per write batch: its oldest frame).");
-    describe_gauge!("wsbroker_build_info", "Always 1; the version label says which build runs.");
-    describe_gauge!("wsbroker_tls_cert_not_after_seconds", Unit::Seconds, "Expiry of the served TLS certificate (Unix time).");
+    describe_gauge!(
+        "wsbroker_build_info",
+        "Always 1; the version label says which build runs."
+    );
+    describe_gauge!(
+        "wsbroker_tls_cert_not_after_seconds",
+        Unit::Seconds,
+        "Expiry (notAfter) of the served TLS leaf certificate, Unix time; 0 until known."
+    );
+    describe_gauge!(
+        "wsbroker_connections_max",
+        "The server.max_connections limit."
+    );
 }
 
 /// The process-wide metric handles (installs the recorder on first use).
@@ -228,6 +292,136 @@ pub fn render() -> String {
     installed.process.collect();
     installed.handle.run_upkeep();
     installed.handle.render()
+}
+
+/// Publishes `server.max_connections` as `wsbroker_connections_max`, so
+/// alerts can compare `wsbroker_connections_active` against it.
+pub fn record_max_connections(m: &Metrics, max: usize) {
+    m.connections_max.set(max as f64);
+}
+
+/// Sets `wsbroker_tls_cert_not_after_seconds` from the served chain (leaf
+/// first); an empty chain or an unparsable leaf leaves the gauge unchanged.
+pub fn record_tls_cert(m: &Metrics, chain: &[impl AsRef<[u8]>]) {
+    if let Some(not_after) = chain.first().and_then(|leaf| cert_not_after(leaf.as_ref())) {
+        m.tls_cert_not_after.set(not_after as f64);
+    }
+}
+
+/// The notAfter of a DER X.509 certificate as Unix seconds, by a minimal DER
+/// walk: Certificate → tbsCertificate → [version] serial signature issuer
+/// validity → notAfter (UTCTime or GeneralizedTime, `Z` form as RFC 5280
+/// requires). `None` for anything malformed.
+pub fn cert_not_after(der: &[u8]) -> Option<i64> {
+    const SEQUENCE: u8 = 0x30;
+    let (tag, cert, _) = der_tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = der_tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut rest = tbs;
+    let (mut tag, _, mut after) = der_tlv(rest)?;
+    if tag == 0xA0 {
+        // [0] EXPLICIT version
+        rest = after;
+        (tag, _, after) = der_tlv(rest)?;
+    }
+    if tag != 0x02 {
+        return None; // serialNumber INTEGER
+    }
+    rest = after;
+    for _ in 0..2 {
+        // signature AlgorithmIdentifier, issuer Name
+        let (tag, _, after) = der_tlv(rest)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        rest = after;
+    }
+    let (tag, validity, _) = der_tlv(rest)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (_, _, after) = der_tlv(validity)?; // notBefore
+    let (tag, time, _) = der_tlv(after)?;
+    parse_x509_time(tag, time)
+}
+
+/// One DER TLV: (tag, contents, rest). Low tag numbers and definite lengths only.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, input) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, mut input) = input.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || input.len() < n {
+            return None;
+        }
+        let (bytes, rest) = input.split_at(n);
+        input = rest;
+        bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
+    };
+    if input.len() < len {
+        return None;
+    }
+    let (contents, rest) = input.split_at(len);
+    Some((tag, contents, rest))
+}
+
+/// UTCTime (0x17, `YYMMDDHHMMSSZ`) or GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).
+fn parse_x509_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let digits = |s: &[u8]| -> Option<i64> {
+        s.iter().try_fold(0i64, |acc, &b| {
+            b.is_ascii_digit().then(|| acc * 10 + i64::from(b - b'0'))
+        })
+    };
+    let (year, rest) = match (tag, text.len()) {
+        (0x17, 13) => {
+            let yy = digits(&text[..2])?;
+            // RFC 5280 4.1.2.5.1: YY >= 50 is 19YY, else 20YY.
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        (0x18, 15) => (digits(&text[..4])?, &text[4..]),
+        _ => return None,
+    };
+    if rest[10] != b'Z' {
+        return None;
+    }
+    let month = digits(&rest[0..2])?;
+    let day = digits(&rest[2..4])?;
+    let hour = digits(&rest[4..6])?;
+    let minute = digits(&rest[6..8])?;
+    let second = digits(&rest[8..10])?;
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    Some(days * 86_400 + hour * 3_600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Records one delivery latency sample.

@@ -11,6 +11,40 @@ use serde_json::value::RawValue;
 /// Longest topic in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
 
+/// Deepest nesting of arrays/objects accepted in `data`: subscribers parse
+/// it too, and many JSON parsers recurse (Python's stops near 1000).
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// Checks that a (syntactically valid) JSON value nests at most `max` deep.
+pub fn depth_within(json: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Error codes of CONTRACT §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -81,10 +115,16 @@ struct RawCommand<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow)]
     topic: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+}
+
+/// `Some` whenever the field is present, `null` included (serde would read
+/// a null into an `Option` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 /// Checks a topic or pattern; `wildcards` allows `*` segments and a final `>`.
@@ -165,6 +205,11 @@ pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
         "publish" => {
             validate_topic(&topic, false).map_err(bad)?;
             let data = raw.data.ok_or_else(|| bad("missing `data`".into()))?;
+            if !depth_within(data.get(), MAX_DATA_DEPTH) {
+                return Err(bad(format!(
+                    "`data` nests deeper than {MAX_DATA_DEPTH} levels"
+                )));
+            }
             Ok(Command::Publish { topic, data, id })
         }
         other => Err(bad(format!(
@@ -241,6 +286,16 @@ mod tests {
     }
 
     #[test]
+    fn null_data_is_present_and_null_id_is_refused() {
+        match parse_command(r#"{"op":"publish","topic":"a","data":null}"#) {
+            Ok(Command::Publish { data, .. }) => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+        let r = parse_command(r#"{"op":"subscribe","topic":"a","id":null}"#).expect_err("null id");
+        assert!(r.message.contains("`id`"));
+    }
+
+    #[test]
     fn rejections_keep_the_id() {
         let r = parse_command(r#"{"op":"publish","topic":"a.*","data":1,"id":7}"#).expect_err("wild");
         assert_eq!(r.code, ErrorCode::BadRequest);
@@ -273,6 +328,15 @@ mod tests {
         let deep = format!(r#"{{"op":"publish","topic":"a","data":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
         let r = parse_command(&deep).expect_err("too deep");
         assert_eq!(r.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        assert!(depth_within(r#"[[["[[[[\"]]"]]]"#, 3));
+        assert!(!depth_within("[[[[1]]]]", 3));
+        assert!(depth_within(r#"{"a":{"b":[1]}}"#, 3));
+        let ok = format!("{}1{}", "[".repeat(MAX_DATA_DEPTH), "]".repeat(MAX_DATA_DEPTH));
+        assert!(parse_command(&format!(r#"{{"op":"publish","topic":"a","data":{ok}}}"#)).is_ok());
     }
 
     #[test]

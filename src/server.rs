@@ -204,6 +204,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         None
     };
     let material = TlsMaterial::load(&settings.tls, dev_cert.as_ref())?;
+    crate::metrics::record_tls_cert(metrics, &material.certified.cert);
+    crate::metrics::record_max_connections(metrics, settings.server.max_connections);
     let tls = TlsState::new(material.server_config()?);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
@@ -293,6 +295,7 @@ impl RunningServer {
         let origins = OriginPolicy::new(&new.origins.allow, new.origins.allow_missing)
             .map_err(|e| ServerError::Origins(e.to_string()))?;
         self.shared.tls.replace(config);
+        crate::metrics::record_tls_cert(self.shared.metrics, &material.certified.cert);
         self.shared.origins.store(Arc::new(origins));
         if let Err(e) = crate::logging::set_level(&new.log.level) {
             warn!(error = %e, "log level not changed");
