@@ -200,18 +200,17 @@ pub const DEV_ORIGINS: &[&str] = &[
 impl Settings {
     /// Loads file + environment and validates everything, TLS files included.
     pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
-        let settings = Self::load_unchecked(opts)?;
-        let mut errors = Vec::new();
-        crate::tls::validate(&settings.tls, &mut errors);
-        if errors.is_empty() {
-            Ok(settings)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        Self::load_with(opts, true)
     }
 
     /// Loads and validates the syntax and values, without reading the TLS files.
     pub fn load_unchecked(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
+        Self::load_with(opts, false)
+    }
+
+    /// Every problem in one pass: with `check_files`, the TLS files are
+    /// checked even when other keys are wrong too.
+    fn load_with(opts: &LoadOptions, check_files: bool) -> Result<Settings, ConfigErrors> {
         let mut builder = Config::builder();
         match &opts.path {
             Some(path) => {
@@ -247,13 +246,13 @@ impl Settings {
         let root = cfg
             .try_deserialize::<Map<String, Value>>()
             .map_err(|e| ConfigErrors(vec![format!("config: {e}")]))?;
-        from_tree(root, opts.dev)
+        from_tree(root, opts.dev, check_files)
     }
 
     /// The defaults, as `serve --dev` starts (no file).
     pub fn dev_defaults() -> Settings {
         // Infallible by construction: the dev tree is empty.
-        match from_tree(Map::new(), true) {
+        match from_tree(Map::new(), true, false) {
             Ok(s) => s,
             Err(e) => unreachable!("dev defaults are valid: {e}"),
         }
@@ -454,7 +453,11 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-fn from_tree(mut root: Map<String, Value>, dev: bool) -> Result<Settings, ConfigErrors> {
+fn from_tree(
+    mut root: Map<String, Value>,
+    dev: bool,
+    check_files: bool,
+) -> Result<Settings, ConfigErrors> {
     let mut errors = Vec::new();
     let mut sections: HashMap<&'static str, Map<String, Value>> = HashMap::new();
     for (name, _) in KNOWN {
@@ -686,6 +689,9 @@ fn from_tree(mut root: Map<String, Value>, dev: bool) -> Result<Settings, Config
         LogSettings { level, format }
     };
 
+    if check_files {
+        crate::tls::validate(&tls, &mut errors);
+    }
     if errors.is_empty() {
         Ok(Settings {
             server,

@@ -2,7 +2,6 @@
 //! (config, logging, file limits, dev certificate), sd_notify, SIGHUP reload
 //! and the SIGTERM/SIGINT drain.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -61,11 +60,33 @@ pub fn raise_nofile_limit() -> Option<u64> {
             }
         }
     }
-    Some(lim.rlim_cur as u64)
+    Some(lim.rlim_cur)
+}
+
+/// `WATCHDOG_USEC` as libsystemd's `sd_watchdog_enabled` reads it: set and
+/// non-zero, and `WATCHDOG_PID` either unset or equal to our pid (the
+/// sd-notify crate also rejects an unset `WATCHDOG_PID`).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if usec == 0 {
+        return None;
+    }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec))
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
+    // Handlers first: a SIGHUP (systemctl reload right after READY=1) or a
+    // SIGTERM during start-up must not hit the default action (terminate).
+    let io = |e: std::io::Error| ServeError::Io(format!("signal handler: {e}"));
+    let mut hup = signal(SignalKind::hangup()).map_err(io)?;
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
     let settings = Settings::load(&opts)?;
     crate::logging::init(&settings.log)?;
     if let Some(limit) = raise_nofile_limit() {
@@ -91,9 +112,8 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
         );
     }
     notify(&[NotifyState::Ready]);
-    let mut watchdog_usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0 {
-        let every = Duration::from_micros(watchdog_usec / 2);
+    if let Some(timeout) = watchdog_interval() {
+        let every = timeout / 2;
         let hard = running.shared().hard.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -105,10 +125,6 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
             }
         });
     }
-    let io = |e: std::io::Error| ServeError::Io(format!("signal handler: {e}"));
-    let mut hup = signal(SignalKind::hangup()).map_err(io)?;
-    let mut term = signal(SignalKind::terminate()).map_err(io)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
     loop {
         tokio::select! {
             _ = hup.recv() => reload(&running, &opts),
@@ -118,7 +134,17 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
     }
     info!("shutting down: draining connections");
     notify(&[NotifyState::Stopping]);
-    running.shutdown().await;
+    let drain = running.shutdown();
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            // A second SIGTERM/SIGINT: stop waiting for the grace window.
+            warn!("second signal: cutting the remaining connections");
+            running.shared().hard.cancel();
+            drain.await;
+        }
+    }
     info!("shutdown complete");
     Ok(())
 }
@@ -126,8 +152,13 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
 /// Re-reads the file and applies TLS, origins and log level; a bad file
 /// leaves the running settings untouched.
 fn reload(running: &RunningServer, opts: &LoadOptions) {
-    notify(&[NotifyState::Reloading]);
-    let path = opts.path.as_ref().map(PathBuf::as_path);
+    // MONOTONIC_USEC lets Type=notify-reload match this RELOADING=1 to the
+    // reload it asked for; plain Type=notify ignores it.
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
+    }
+    let path = opts.path.as_deref();
     info!(config = %crate::config::display_path(path), "SIGHUP: reloading");
     match Settings::load(opts) {
         Err(errors) => {

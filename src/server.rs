@@ -387,7 +387,9 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
     let settings = shared.settings.load_full();
     let budget = settings.server.handshake_timeout;
     let acceptor = shared.tls.acceptor();
-    let upgraded = tokio::time::timeout(budget, async {
+    // Boxed: the handshake's state (TLS accept, request buffer) is freed once
+    // it is done instead of living on in the connection task's allocation.
+    let upgraded = tokio::time::timeout(budget, Box::pin(async {
         let mut tls = match acceptor.accept(tcp).await {
             Ok(tls) => tls,
             Err(e) => {
@@ -428,7 +430,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
                 None
             }
         }
-    })
+    }))
     .await;
     let (tls, accepted) = match upgraded {
         Ok(Some(pair)) => pair,

@@ -132,7 +132,8 @@ impl TestServer {
             .into_client_request()
             .expect("request");
         if let Some(o) = origin {
-            req.headers_mut().insert("Origin", o.parse().expect("header"));
+            req.headers_mut()
+                .insert("Origin", o.parse().expect("header"));
         }
         let tls = self.tls().await;
         tokio_tungstenite::client_async(req, tls)
@@ -156,8 +157,11 @@ impl TestServer {
 
     /// `GET /metrics` from the admin listener.
     pub async fn metrics(&self) -> String {
-        admin_request(self.admin(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
+        admin_request(
+            self.admin(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
     }
 }
 
@@ -182,7 +186,9 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 pub async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
 }
 
 /// Next text frame as JSON (skipping pings); panics on timeout or close.
@@ -245,14 +251,30 @@ pub async fn expect_close(ws: &mut Ws) -> Option<CloseFrame> {
 
 /// subscribe + wait for the ack.
 pub async fn subscribe(ws: &mut Ws, topic: &str, id: u64) {
-    send(ws, serde_json::json!({"op":"subscribe","topic":topic,"id":id})).await;
+    send(
+        ws,
+        serde_json::json!({"op":"subscribe","topic":topic,"id":id}),
+    )
+    .await;
     let ack = recv(ws).await;
-    assert_eq!(ack, serde_json::json!({"type":"ack","id":id}), "subscribe {topic}");
+    assert_eq!(
+        ack,
+        serde_json::json!({"type":"ack","id":id}),
+        "subscribe {topic}"
+    );
 }
 
 /// publish + wait for the ack (the publisher must not be subscribed to `topic`).
 pub async fn publish(ws: &mut Ws, topic: &str, data: Value, id: u64) {
-    send(ws, serde_json::json!({"op":"publish","topic":topic,"data":data,"id":id})).await;
+    send(
+        ws,
+        serde_json::json!({"op":"publish","topic":topic,"data":data,"id":id}),
+    )
+    .await;
     let ack = recv(ws).await;
-    assert_eq!(ack, serde_json::json!({"type":"ack","id":id}), "publish {topic}");
+    assert_eq!(
+        ack,
+        serde_json::json!({"type":"ack","id":id}),
+        "publish {topic}"
+    );
 }
