@@ -29,8 +29,9 @@ use crate::protocol::{self, Command, ErrorCode};
 use crate::queue::{CloseRequest, Outbox, QueueLimits, Queued};
 
 /// WebSocket read buffer per connection: enough for typical commands without
-/// the 128 KiB library default (and its per-read memset).
-pub const READ_BUFFER: usize = 4 * 1024;
+/// the 128 KiB library default (and its per-read memset). Larger messages
+/// grow it on demand; this is what every idle connection pays.
+pub const READ_BUFFER: usize = 1024;
 /// Write buffer target: about one TLS record, so batches go out in full records.
 pub const WRITE_BUFFER: usize = 16 * 1024;
 /// Longest wait for a peer's close reply (or for a stuck write) after we close.
@@ -79,13 +80,18 @@ const PEER_CLOSED: u16 = 0;
 
 /// Runs a connection to its end. The writer is a task of its own, so a
 /// publish wakes only the writer (not the reader) of each subscriber.
-pub async fn run<S>(ws: WebSocketStream<S>, ctx: Context)
+///
+/// Not an `async fn`: the stream is split (moved to the heap) before the
+/// future is built, so the long-lived future does not reserve room for it.
+pub fn run<S>(ws: WebSocketStream<S>, ctx: Context) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", id = ctx.id, peer = %ctx.peer);
     let ctx = Arc::new(ctx);
+    let (sink, stream) = ws.split();
     async move {
+        let (mut sink, mut stream) = (sink, stream);
         let m = ctx.metrics;
         m.connections_opened.increment(1);
         m.connections_active.increment(1.0);
@@ -102,7 +108,6 @@ where
             subscriptions: AtomicUsize::new(0),
         });
         ctx.broker.register(&sub);
-        let (mut sink, mut stream) = ws.split();
         let reader_done = CancellationToken::new();
         let stop_reader = CancellationToken::new();
         let writer = {
@@ -132,9 +137,14 @@ where
         ctx.broker.deregister(ctx.id);
         let reason = match writer.await {
             Ok((sink, Some(reason))) => {
-                if let Ok(mut ws) = sink.reunite(stream) {
+                if let Ok(ws) = sink.reunite(stream) {
                     // close_notify, so TLS clients see a clean end of stream.
-                    let _ = timeout(CLOSE_WAIT, ws.get_mut().shutdown()).await;
+                    // Boxed so the connection's future keeps no room for it.
+                    let close = Box::pin(async move {
+                        let mut ws = ws;
+                        let _ = timeout(CLOSE_WAIT, ws.get_mut().shutdown()).await;
+                    });
+                    close.await;
                 }
                 reason
             }
@@ -146,7 +156,6 @@ where
         info!(reason = reason.as_str(), "connection closed");
     }
     .instrument(span)
-    .await
 }
 
 /// Token bucket for `max_inbound_rate` (burst = 2 x rate).

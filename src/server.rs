@@ -359,9 +359,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 let _ = tcp.set_nodelay(true);
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .tracker
-                    .spawn(handle(tcp, peer, id, slot, shared.clone()));
+                let fut = handle(tcp, peer, id, slot, shared.clone());
+                shared.tracker.spawn(fut);
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the
@@ -383,13 +382,33 @@ fn reject(shared: &Shared, peer: SocketAddr, label: RejectReason, reason: &str) 
     }
 }
 
+/// One accepted socket: the handshake, then the connection as a task of its
+/// own. Two tasks, so the long-lived one is allocated at the size of the
+/// connection's future alone, not of the handshake's (TLS accept, request
+/// buffer, the stream before the split).
 async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: Arc<Shared>) {
+    if let Some((ws, ctx)) = upgrade(tcp, peer, id, &slot, &shared).await {
+        let conn = crate::connection::run(ws, ctx);
+        shared.tracker.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+}
+
+type ServerWs = WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+async fn upgrade(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    slot: &Slot,
+    shared: &Arc<Shared>,
+) -> Option<(ServerWs, crate::connection::Context)> {
     let settings = shared.settings.load_full();
     let budget = settings.server.handshake_timeout;
     let acceptor = shared.tls.acceptor();
-    // Boxed: the handshake's state (TLS accept, request buffer) is freed once
-    // it is done instead of living on in the connection task's allocation.
-    let upgraded = tokio::time::timeout(budget, Box::pin(async {
+    let upgraded = tokio::time::timeout(budget, async {
         let mut tls = match acceptor.accept(tcp).await {
             Ok(tls) => tls,
             Err(e) => {
@@ -430,14 +449,14 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
                 None
             }
         }
-    }))
+    })
     .await;
     let (tls, accepted) = match upgraded {
         Ok(Some(pair)) => pair,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(_) => {
-            reject(&shared, peer, RejectReason::Timeout, "handshake timeout");
-            return;
+            reject(shared, peer, RejectReason::Timeout, "handshake timeout");
+            return None;
         }
     };
     let config = crate::connection::ws_config(settings.server.max_message_size);
@@ -457,7 +476,5 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
         hard: shared.hard.clone(),
         shutdown_grace: settings.server.shutdown_grace,
     };
-    drop(settings);
-    crate::connection::run(ws, ctx).await;
-    drop(slot);
+    Some((ws, ctx))
 }
