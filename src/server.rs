@@ -412,7 +412,7 @@ async fn upgrade(
         let mut tls = match acceptor.accept(tcp).await {
             Ok(tls) => tls,
             Err(e) => {
-                reject(&shared, peer, RejectReason::Tls, &e.to_string());
+                reject(shared, peer, RejectReason::Tls, &e.to_string());
                 return None;
             }
         };
@@ -424,7 +424,7 @@ async fn upgrade(
         let verdict = match handshake::read_and_evaluate(&mut tls, &rules).await {
             Ok(v) => v,
             Err(e) => {
-                reject(&shared, peer, RejectReason::BadRequest, &e.to_string());
+                reject(shared, peer, RejectReason::BadRequest, &e.to_string());
                 return None;
             }
         };
@@ -439,12 +439,12 @@ async fn upgrade(
             Ok(accepted) => match handshake::switch(&mut tls, &accepted.accept_key).await {
                 Ok(()) => Some((tls, accepted)),
                 Err(e) => {
-                    reject(&shared, peer, RejectReason::BadRequest, &e.to_string());
+                    reject(shared, peer, RejectReason::BadRequest, &e.to_string());
                     None
                 }
             },
             Err(refusal) => {
-                reject(&shared, peer, refusal.label, &refusal.reason);
+                reject(shared, peer, refusal.label, &refusal.reason);
                 let _ = handshake::respond(&mut tls, &refusal).await;
                 None
             }
