@@ -87,6 +87,11 @@ pub struct BenchArgs {
     /// Also subscribe this many extra subscribers to the wildcard `bench.>`
     #[arg(long, default_value_t = 0)]
     pub wildcard_subscribers: usize,
+    /// Each subscriber also holds this many subscriptions that are never
+    /// published to (every tenth a `*` pattern), to grow the server's index
+    /// without more connections
+    #[arg(long, default_value_t = 0)]
+    pub extra_subscriptions: usize,
     /// Read the server's RSS (/proc/PID/status) and CPU (/proc/PID/stat)
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
@@ -309,6 +314,7 @@ struct Ctx {
     topics: usize,
     publishers: usize,
     payload: usize,
+    extra_subscriptions: usize,
     /// Time origin of the timestamps in payloads.
     base: Instant,
     shards: Vec<Mutex<Histogram<u64>>>,
@@ -477,6 +483,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         topics: args.topics,
         publishers: n_pubs,
         payload: args.payload,
+        extra_subscriptions: args.extra_subscriptions,
         base: Instant::now(),
         shards: (0..LAT_SHARDS)
             .map(|_| Mutex::new(new_histogram()))
@@ -832,6 +839,14 @@ async fn subscriber(
         Role::Sub(t) => format!("bench.t{t}"),
         _ => "bench.>".to_string(),
     };
+    let mut topics = vec![topic];
+    topics.extend((0..ctx.extra_subscriptions).map(|k| {
+        if k % 10 == 9 {
+            format!("bench.idle.s{idx}.k{k}.*")
+        } else {
+            format!("bench.idle.s{idx}.k{k}")
+        }
+    }));
     let opened = async {
         let mut ws = client::connect_to(
             &ctx.target,
@@ -843,7 +858,7 @@ async fn subscriber(
         .await?;
         client::subscribe(
             &mut ws,
-            std::slice::from_ref(&topic),
+            &topics,
             SUB_ACK_TIMEOUT,
             |_| Ok(()),
         )
