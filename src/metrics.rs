@@ -119,6 +119,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Environment variable that turns metric recording off (`=1`), to measure its cost.
+pub const DISABLE_ENV: &str = "WSBROKER_DISABLE_METRICS";
+
 struct Installed {
     handle: PrometheusHandle,
     metrics: Metrics,
@@ -136,9 +139,15 @@ fn install() -> Installed {
         .unwrap_or_else(|_| PrometheusBuilder::new());
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
-    // Fails only if another recorder was installed first (a test harness);
-    // then our handles simply record into that one.
-    let _ = metrics::set_global_recorder(recorder);
+    // A benchmarking aid (docs/benchmarks.md): with no recorder installed
+    // every handle below is a no-op, which measures what counting costs.
+    if std::env::var_os(DISABLE_ENV).is_some_and(|v| v == "1") {
+        tracing::warn!("{DISABLE_ENV}=1: metrics are not recorded (benchmarking only)");
+    } else {
+        // Fails only if another recorder was installed first (a test
+        // harness); then our handles simply record into that one.
+        let _ = metrics::set_global_recorder(recorder);
+    }
     let process = metrics_process::Collector::default();
     process.describe();
     describe();

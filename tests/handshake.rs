@@ -33,7 +33,9 @@ async fn wrong_path_is_404() {
 #[tokio::test]
 async fn non_upgrade_requests_are_refused_with_a_reason() {
     let srv = TestServer::start(&[]).await;
-    let resp = srv.raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    let resp = srv
+        .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
     assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
     let resp = srv
         .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com\r\n\r\n")
@@ -47,11 +49,19 @@ async fn non_upgrade_requests_are_refused_with_a_reason() {
     assert!(resp.contains("Sec-WebSocket-Key"), "{resp}");
     let resp = srv.raw_http("this is not http\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    let huge = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    let huge = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
     let resp = srv.raw_http(&huge).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
     let m = srv.metrics().await;
-    assert!(metric(&m, r#"wsbroker_handshake_rejected_total{reason="bad_request"}"#) >= 5.0);
+    assert!(
+        metric(
+            &m,
+            r#"wsbroker_handshake_rejected_total{reason="bad_request"}"#
+        ) >= 5.0
+    );
 }
 
 #[tokio::test]
@@ -60,8 +70,13 @@ async fn smuggling_shapes_are_refused() {
     let base = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example.com\r\n";
     let dup = format!("{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
     let resp = srv.raw_http(&dup).await;
-    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("duplicate"), "{resp}");
-    let te = format!("{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert!(
+        resp.starts_with("HTTP/1.1 400") && resp.contains("duplicate"),
+        "{resp}"
+    );
+    let te = format!(
+        "{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
     let resp = srv.raw_http(&te).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
@@ -72,7 +87,8 @@ async fn origin_status(srv: &TestServer, origin: Option<&str>) -> (u16, String) 
 
 #[tokio::test]
 async fn origin_rules_allow_and_deny() {
-    let allow = "https://app.example.com,https://*.example.org,http://localhost:*,https://plain.test,null";
+    let allow =
+        "https://app.example.com,https://*.example.org,http://localhost:*,https://plain.test,null";
     let srv = TestServer::start(&[("WSBROKER__ORIGINS__ALLOW", allow)]).await;
     let cases: &[(&str, u16)] = &[
         ("https://app.example.com", 101),
@@ -100,7 +116,10 @@ async fn origin_rules_allow_and_deny() {
         let (status, body) = origin_status(&srv, Some(origin)).await;
         assert_eq!(status, *want, "origin {origin}: {body}");
         if status == 403 {
-            assert!(body.to_lowercase().contains("origin"), "403 body says why: {body}");
+            assert!(
+                body.to_lowercase().contains("origin"),
+                "403 body says why: {body}"
+            );
         }
     }
     let m = srv.metrics().await;
@@ -129,4 +148,37 @@ async fn missing_origin_allowed_when_configured() {
     assert_eq!(status, 101, "{body}");
     let (status, _) = origin_status(&srv, Some("https://evil.com")).await;
     assert_eq!(status, 403, "allow_missing does not allow wrong origins");
+}
+
+#[tokio::test]
+async fn listens_on_ipv4_and_ipv6_at_once() {
+    let srv = TestServer::start(&[("WSBROKER__SERVER__LISTEN", "127.0.0.1:0,[::1]:0")]).await;
+    let addrs = srv.server.local_addrs().to_vec();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{addrs:?}");
+    // Subscribe over IPv6, publish over IPv4: one broker behind both.
+    let tcp = tokio::net::TcpStream::connect(addrs[1])
+        .await
+        .expect("v6 connect");
+    let tls = tokio_rustls::TlsConnector::from(srv.tls.clone())
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls over v6");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("wss://localhost:{}/ws", addrs[1].port()),
+    )
+    .expect("request");
+    req.headers_mut()
+        .insert("Origin", ORIGIN.parse().expect("origin"));
+    let (mut v6, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade v6");
+    subscribe(&mut v6, "dual", 1).await;
+    let mut v4 = srv.ws().await;
+    publish(&mut v4, "dual", serde_json::json!("both"), 1).await;
+    assert_eq!(recv(&mut v6).await["data"], "both");
+    v6.close(None).await.expect("close");
 }
