@@ -52,9 +52,9 @@ fn fanout_encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("parse_and_encode_publish", |b| {
         b.iter(|| match protocol::parse_command(black_box(&text)) {
-            Ok(protocol::Command::Publish { topic, data, .. }) => {
-                black_box(Utf8Bytes::from(protocol::encode_message(&topic, data.get())))
-            }
+            Ok(protocol::Command::Publish { topic, data, .. }) => black_box(Utf8Bytes::from(
+                protocol::encode_message(&topic, data.get()),
+            )),
             _ => unreachable!("valid publish"),
         })
     });
@@ -62,7 +62,10 @@ fn fanout_encode(c: &mut Criterion) {
 }
 
 fn queue_push_take(c: &mut Criterion) {
-    let frame = Utf8Bytes::from(protocol::encode_message("chat.room1", "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab\""));
+    let frame = Utf8Bytes::from(protocol::encode_message(
+        "chat.room1",
+        "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab\"",
+    ));
     let mut group = c.benchmark_group("outbox");
     group.throughput(Throughput::Elements(64));
     group.bench_function("push64_take", |b| {
@@ -81,6 +84,7 @@ fn queue_push_take(c: &mut Criterion) {
             out.clear();
         })
     });
+    group.throughput(Throughput::Elements(1));
     group.bench_function("push_drop_oldest_full", |b| {
         let outbox = Outbox::new(QueueLimits {
             capacity: 1024,

@@ -195,7 +195,10 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     if !protocol::depth_within(parsed.data.get(), protocol::MAX_DATA_DEPTH) {
         return error(
             StatusCode::BAD_REQUEST,
-            &format!("`data` nests deeper than {} levels", protocol::MAX_DATA_DEPTH),
+            &format!(
+                "`data` nests deeper than {} levels",
+                protocol::MAX_DATA_DEPTH
+            ),
         );
     }
     let frame = Utf8Bytes::from(protocol::encode_message(&parsed.topic, parsed.data.get()));

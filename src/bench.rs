@@ -856,13 +856,7 @@ async fn subscriber(
             ctx.sub_ws,
         )
         .await?;
-        client::subscribe(
-            &mut ws,
-            &topics,
-            SUB_ACK_TIMEOUT,
-            |_| Ok(()),
-        )
-        .await?;
+        client::subscribe(&mut ws, &topics, SUB_ACK_TIMEOUT, |_| Ok(())).await?;
         Ok::<_, ClientError>(ws)
     }
     .await;

@@ -27,7 +27,8 @@ pub struct Subscriber {
 
 impl Subscriber {
     fn subscription_count(&self) -> usize {
-        self.subscriptions.load(std::sync::atomic::Ordering::Relaxed)
+        self.subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -115,10 +116,7 @@ impl Broker {
     pub fn unsubscribe_all<'a>(&self, patterns: impl IntoIterator<Item = &'a str>, id: u64) {
         let (removed, count) = {
             let mut index = self.index.write();
-            let removed = patterns
-                .into_iter()
-                .filter(|p| index.remove(p, id))
-                .count();
+            let removed = patterns.into_iter().filter(|p| index.remove(p, id)).count();
             (removed, index.pattern_count())
         };
         if removed > 0 {
@@ -158,7 +156,9 @@ impl Broker {
             });
         }
         if fanout.dropped > 0 {
-            self.metrics.dropped_queue_full.increment(fanout.dropped as u64);
+            self.metrics
+                .dropped_queue_full
+                .increment(fanout.dropped as u64);
         }
         fanout
     }

@@ -336,7 +336,10 @@ impl Section<'_> {
                 ValueKind::String(ref s) if s.eq_ignore_ascii_case("true") => true,
                 ValueKind::String(ref s) if s.eq_ignore_ascii_case("false") => false,
                 other => {
-                    self.err(key, format!("expected true or false, got {}", describe(&other)));
+                    self.err(
+                        key,
+                        format!("expected true or false, got {}", describe(&other)),
+                    );
                     default
                 }
             },
@@ -346,32 +349,34 @@ impl Section<'_> {
     fn duration(&mut self, key: &str, default: Duration) -> Duration {
         match self.take(key) {
             None => default,
-            Some(v) => match v.kind {
-                ValueKind::String(s) => match humantime::parse_duration(s.trim()) {
-                    Ok(d) if !d.is_zero() => d,
-                    Ok(_) => {
-                        self.err(key, "must be greater than 0");
-                        default
-                    }
-                    Err(e) => {
-                        self.err(
+            Some(v) => {
+                match v.kind {
+                    ValueKind::String(s) => match humantime::parse_duration(s.trim()) {
+                        Ok(d) if !d.is_zero() => d,
+                        Ok(_) => {
+                            self.err(key, "must be greater than 0");
+                            default
+                        }
+                        Err(e) => {
+                            self.err(
                             key,
                             format!("invalid duration `{s}` ({e}); use e.g. \"250ms\", \"20s\", \"5m\""),
                         );
+                            default
+                        }
+                    },
+                    other => {
+                        self.err(
+                            key,
+                            format!(
+                                "expected a duration string like \"20s\", got {}",
+                                describe(&other)
+                            ),
+                        );
                         default
                     }
-                },
-                other => {
-                    self.err(
-                        key,
-                        format!(
-                            "expected a duration string like \"20s\", got {}",
-                            describe(&other)
-                        ),
-                    );
-                    default
                 }
-            },
+            }
         }
     }
 
@@ -487,7 +492,11 @@ fn from_tree(
             values,
             errors: &mut errors,
         };
-        let default_listen = if dev { "127.0.0.1:8443" } else { "0.0.0.0:8443" };
+        let default_listen = if dev {
+            "127.0.0.1:8443"
+        } else {
+            "0.0.0.0:8443"
+        };
         let listen_raw = s.strings("listen", &[default_listen]);
         let mut listen = Vec::new();
         for (i, a) in listen_raw.iter().enumerate() {
@@ -508,7 +517,10 @@ fn from_tree(
         }
         let path = s.string("path", "/ws");
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            s.err("path", format!("`{path}` must start with `/` and contain no spaces"));
+            s.err(
+                "path",
+                format!("`{path}` must start with `/` and contain no spaces"),
+            );
         }
         let max_connections = s.positive("max_connections", 100_000);
         let max_connections_per_ip = s.usize("max_connections_per_ip", 0);
@@ -554,7 +566,10 @@ fn from_tree(
             "1.2" => TlsMinVersion::Tls12,
             "1.3" => TlsMinVersion::Tls13,
             other => {
-                s.err("min_version", format!("`{other}` is not \"1.2\" or \"1.3\""));
+                s.err(
+                    "min_version",
+                    format!("`{other}` is not \"1.2\" or \"1.3\""),
+                );
                 TlsMinVersion::Tls12
             }
         };
@@ -762,10 +777,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             s.server.listen,
-            vec![
-                "127.0.0.1:2".parse().unwrap(),
-                "[::1]:3".parse().unwrap()
-            ]
+            vec!["127.0.0.1:2".parse().unwrap(), "[::1]:3".parse().unwrap()]
         );
         assert_eq!(s.connection.queue_capacity, 64);
         assert_eq!(s.connection.overflow, Overflow::Disconnect);

@@ -253,7 +253,9 @@ async fn read_loop<S>(
                         close_request(1009, "message too big", CloseReason::Error)
                     }
                     WsError::Capacity(_) => close_request(1009, "too big", CloseReason::Error),
-                    WsError::Protocol(_) => close_request(1002, "protocol error", CloseReason::Error),
+                    WsError::Protocol(_) => {
+                        close_request(1002, "protocol error", CloseReason::Error)
+                    }
                     WsError::ConnectionClosed | WsError::AlreadyClosed => {
                         close_request(PEER_CLOSED, "", CloseReason::Client)
                     }
@@ -282,7 +284,11 @@ async fn read_loop<S>(
                 if matches!(msg, Message::Text(_) | Message::Binary(_))
                     && !reply(
                         outbox,
-                        protocol::encode_error(None, ErrorCode::Limit, "inbound rate limit exceeded"),
+                        protocol::encode_error(
+                            None,
+                            ErrorCode::Limit,
+                            "inbound rate limit exceeded",
+                        ),
                     )
                     .await
                 {
@@ -291,7 +297,11 @@ async fn read_loop<S>(
                 continue;
             }
             Rate::Sustained => {
-                outbox.close(close_request(1008, "rate limit exceeded", CloseReason::Error));
+                outbox.close(close_request(
+                    1008,
+                    "rate limit exceeded",
+                    CloseReason::Error,
+                ));
                 continue;
             }
         }
@@ -328,9 +338,11 @@ async fn handle_text(
 ) -> bool {
     let outbox = &sub.outbox;
     let answer = match protocol::parse_command(text) {
-        Err(rejection) => {
-            Some(protocol::encode_error(rejection.id, rejection.code, &rejection.message))
-        }
+        Err(rejection) => Some(protocol::encode_error(
+            rejection.id,
+            rejection.code,
+            &rejection.message,
+        )),
         Ok(Command::Publish { topic, data, id }) => {
             let frame = Utf8Bytes::from(protocol::encode_message(&topic, data.get()));
             ctx.broker.publish(&topic, &frame);

@@ -82,17 +82,35 @@ fn has_token(value: &[u8], token: &str) -> bool {
 }
 
 /// Checks a parsed request head against the rules.
-pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<(String, Option<String>), Refusal> {
+pub fn evaluate(
+    req: &httparse::Request<'_, '_>,
+    rules: &Rules<'_>,
+) -> Result<(String, Option<String>), Refusal> {
     let target = req.path.unwrap_or("");
     let path = target.split(['?', '#']).next().unwrap_or("");
     if path != rules.path {
-        return Err(Refusal::new(404, RejectReason::Path, format!("not found: {path}; the WebSocket endpoint is {}", rules.path)));
+        return Err(Refusal::new(
+            404,
+            RejectReason::Path,
+            format!(
+                "not found: {path}; the WebSocket endpoint is {}",
+                rules.path
+            ),
+        ));
     }
     if req.method != Some("GET") {
-        return Err(Refusal::new(400, RejectReason::BadRequest, "a WebSocket upgrade must use GET"));
+        return Err(Refusal::new(
+            400,
+            RejectReason::BadRequest,
+            "a WebSocket upgrade must use GET",
+        ));
     }
     if req.version != Some(1) {
-        return Err(Refusal::new(400, RejectReason::BadRequest, "a WebSocket upgrade needs HTTP/1.1"));
+        return Err(Refusal::new(
+            400,
+            RejectReason::BadRequest,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     let mut upgrade = false;
     let mut connection_upgrade = false;
@@ -115,35 +133,86 @@ pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<(S
         } else if name.eq_ignore_ascii_case("host") {
             host += 1;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Refusal::new(400, RejectReason::BadRequest, "Transfer-Encoding is not allowed on an upgrade request"));
-        } else if name.eq_ignore_ascii_case("content-length") && h.value.iter().any(|b| *b != b'0') {
-            return Err(Refusal::new(400, RejectReason::BadRequest, "a body is not allowed on an upgrade request"));
+            return Err(Refusal::new(
+                400,
+                RejectReason::BadRequest,
+                "Transfer-Encoding is not allowed on an upgrade request",
+            ));
+        } else if name.eq_ignore_ascii_case("content-length") && h.value.iter().any(|b| *b != b'0')
+        {
+            return Err(Refusal::new(
+                400,
+                RejectReason::BadRequest,
+                "a body is not allowed on an upgrade request",
+            ));
         }
     }
     if !upgrade || !connection_upgrade {
-        let mut r = Refusal::new(426, RejectReason::BadRequest, "this endpoint only speaks WebSocket: send Connection: Upgrade and Upgrade: websocket");
+        let mut r = Refusal::new(
+            426,
+            RejectReason::BadRequest,
+            "this endpoint only speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
+        );
         r.headers.push(("Upgrade", "websocket".into()));
         r.headers.push(("Connection", "Upgrade".into()));
         return Err(r);
     }
     if host != 1 {
-        return Err(Refusal::new(400, RejectReason::BadRequest, "exactly one Host header is required"));
+        return Err(Refusal::new(
+            400,
+            RejectReason::BadRequest,
+            "exactly one Host header is required",
+        ));
     }
     if version != Some(b"13".as_slice()) {
-        let mut r = Refusal::new(426, RejectReason::BadRequest, "unsupported Sec-WebSocket-Version (13 is supported)");
+        let mut r = Refusal::new(
+            426,
+            RejectReason::BadRequest,
+            "unsupported Sec-WebSocket-Version (13 is supported)",
+        );
         r.headers.push(("Sec-WebSocket-Version", "13".into()));
         return Err(r);
     }
     let key = match keys.as_slice() {
         [k] if valid_key(k) => *k,
-        [] => return Err(Refusal::new(400, RejectReason::BadRequest, "missing Sec-WebSocket-Key")),
-        [_] => return Err(Refusal::new(400, RejectReason::BadRequest, "Sec-WebSocket-Key must be 16 bytes in base64")),
-        _ => return Err(Refusal::new(400, RejectReason::BadRequest, "duplicate Sec-WebSocket-Key")),
+        [] => {
+            return Err(Refusal::new(
+                400,
+                RejectReason::BadRequest,
+                "missing Sec-WebSocket-Key",
+            ))
+        }
+        [_] => {
+            return Err(Refusal::new(
+                400,
+                RejectReason::BadRequest,
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ))
+        }
+        _ => {
+            return Err(Refusal::new(
+                400,
+                RejectReason::BadRequest,
+                "duplicate Sec-WebSocket-Key",
+            ))
+        }
     };
     let origin = match origins.as_slice() {
         [] => None,
-        [o] => Some(std::str::from_utf8(o).map_err(|_| Refusal::new(403, RejectReason::Origin, "malformed Origin header: not UTF-8"))?),
-        _ => return Err(Refusal::new(403, RejectReason::Origin, "more than one Origin header")),
+        [o] => Some(std::str::from_utf8(o).map_err(|_| {
+            Refusal::new(
+                403,
+                RejectReason::Origin,
+                "malformed Origin header: not UTF-8",
+            )
+        })?),
+        _ => {
+            return Err(Refusal::new(
+                403,
+                RejectReason::Origin,
+                "more than one Origin header",
+            ))
+        }
     };
     rules
         .origins
@@ -188,13 +257,25 @@ pub async fn read_and_evaluate<S: AsyncRead + Unpin>(
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => continue,
             Ok(httparse::Status::Partial) => {
-                return Ok(Err(Refusal::new(431, RejectReason::BadRequest, format!("request head larger than {MAX_HEAD_BYTES} bytes"))))
+                return Ok(Err(Refusal::new(
+                    431,
+                    RejectReason::BadRequest,
+                    format!("request head larger than {MAX_HEAD_BYTES} bytes"),
+                )))
             }
             Err(httparse::Error::TooManyHeaders) => {
-                return Ok(Err(Refusal::new(431, RejectReason::BadRequest, format!("more than {MAX_HEADERS} request headers"))))
+                return Ok(Err(Refusal::new(
+                    431,
+                    RejectReason::BadRequest,
+                    format!("more than {MAX_HEADERS} request headers"),
+                )))
             }
             Err(e) => {
-                return Ok(Err(Refusal::new(400, RejectReason::BadRequest, format!("malformed HTTP request: {e}"))))
+                return Ok(Err(Refusal::new(
+                    400,
+                    RejectReason::BadRequest,
+                    format!("malformed HTTP request: {e}"),
+                )))
             }
         }
     }
@@ -213,7 +294,10 @@ fn status_text(status: u16) -> &'static str {
 }
 
 /// Writes the refusal response and closes the TLS session.
-pub async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -> std::io::Result<()> {
+pub async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    refusal: &Refusal,
+) -> std::io::Result<()> {
     let body = format!("{}\n", refusal.reason);
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -235,7 +319,10 @@ pub async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -
 }
 
 /// Writes the 101 Switching Protocols response.
-pub async fn switch<S: AsyncWrite + Unpin>(stream: &mut S, accept_key: &str) -> std::io::Result<()> {
+pub async fn switch<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    accept_key: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
     );

@@ -88,7 +88,12 @@ impl RateLimit {
         if now >= next
             && self
                 .next_ns
-                .compare_exchange(next, now + self.interval_ns, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    next,
+                    now + self.interval_ns,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             Some(self.suppressed.swap(0, Ordering::Relaxed))

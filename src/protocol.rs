@@ -270,7 +270,9 @@ mod tests {
     #[test]
     fn parses_the_three_ops() {
         let c = parse_command(r#"{"op":"subscribe","topic":"chat.*","id":1}"#).expect("ok");
-        assert!(matches!(c, Command::Subscribe { ref topic, id: Some(id) } if topic == "chat.*" && id.get() == "1"));
+        assert!(
+            matches!(c, Command::Subscribe { ref topic, id: Some(id) } if topic == "chat.*" && id.get() == "1")
+        );
         let c = parse_command(r#"{"op":"unsubscribe","topic":"a.>"}"#).expect("ok");
         assert!(matches!(c, Command::Unsubscribe { id: None, .. }));
         let c = parse_command(r#"{"op":"publish","topic":"a.b","data":{ "x" : [1, 2] },"id":"q"}"#)
@@ -297,7 +299,8 @@ mod tests {
 
     #[test]
     fn rejections_keep_the_id() {
-        let r = parse_command(r#"{"op":"publish","topic":"a.*","data":1,"id":7}"#).expect_err("wild");
+        let r =
+            parse_command(r#"{"op":"publish","topic":"a.*","data":1,"id":7}"#).expect_err("wild");
         assert_eq!(r.code, ErrorCode::BadRequest);
         assert_eq!(r.id.map(|i| i.get()), Some("7"));
         let r = parse_command(r#"{"op":"dance","topic":"a","id":"x"}"#).expect_err("op");
@@ -315,7 +318,9 @@ mod tests {
         for ok in ["a", "a.b", "A-z_0:9.x", "a.*.c", "a.>", ">", "*"] {
             assert!(validate_topic(ok, true).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "a.", ".a", "a..b", "a.>.b", "a b", "a/b", "é", "a.b*", "a>"] {
+        for bad in [
+            "", ".", "a.", ".a", "a..b", "a.>.b", "a b", "a/b", "é", "a.b*", "a>",
+        ] {
             assert!(validate_topic(bad, true).is_err(), "{bad}");
         }
         assert!(validate_topic("a.*", false).is_err());
@@ -325,7 +330,11 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
-        let deep = format!(r#"{{"op":"publish","topic":"a","data":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            r#"{{"op":"publish","topic":"a","data":{}1{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         let r = parse_command(&deep).expect_err("too deep");
         assert_eq!(r.code, ErrorCode::BadRequest);
     }
@@ -335,13 +344,20 @@ mod tests {
         assert!(depth_within(r#"[[["[[[[\"]]"]]]"#, 3));
         assert!(!depth_within("[[[[1]]]]", 3));
         assert!(depth_within(r#"{"a":{"b":[1]}}"#, 3));
-        let ok = format!("{}1{}", "[".repeat(MAX_DATA_DEPTH), "]".repeat(MAX_DATA_DEPTH));
+        let ok = format!(
+            "{}1{}",
+            "[".repeat(MAX_DATA_DEPTH),
+            "]".repeat(MAX_DATA_DEPTH)
+        );
         assert!(parse_command(&format!(r#"{{"op":"publish","topic":"a","data":{ok}}}"#)).is_ok());
     }
 
     #[test]
     fn encodes_frames() {
-        assert_eq!(encode_message("a.b", r#"{"x":1}"#), r#"{"type":"message","topic":"a.b","data":{"x":1}}"#);
+        assert_eq!(
+            encode_message("a.b", r#"{"x":1}"#),
+            r#"{"type":"message","topic":"a.b","data":{"x":1}}"#
+        );
         let id = RawValue::from_string("5".into()).expect("raw");
         assert_eq!(encode_ack(&id), r#"{"type":"ack","id":5}"#);
         let e = encode_error(Some(&id), ErrorCode::Limit, "too \"many\"");

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Overflow;
 
@@ -282,7 +282,9 @@ mod tests {
     fn drain(o: &Outbox) -> Vec<String> {
         let mut out = VecDeque::new();
         assert!(o.take(&mut out).is_none());
-        out.into_iter().map(|q| q.frame.as_str().to_string()).collect()
+        out.into_iter()
+            .map(|q| q.frame.as_str().to_string())
+            .collect()
     }
 
     #[test]
@@ -291,7 +293,14 @@ mod tests {
         let now = Instant::now();
         for i in 0..5 {
             let r = o.push(&frame(&i.to_string()), now);
-            assert_eq!(r, if i < 3 { Push::Queued } else { Push::DroppedOldest });
+            assert_eq!(
+                r,
+                if i < 3 {
+                    Push::Queued
+                } else {
+                    Push::DroppedOldest
+                }
+            );
         }
         assert_eq!(drain(&o), vec!["2", "3", "4"]);
     }
@@ -316,7 +325,10 @@ mod tests {
         let occ = o.occupancy();
         assert_eq!(occ.messages, 2);
         assert!(occ.bytes <= 10);
-        assert_eq!(o.push(&frame("this is far too long"), now), Push::DroppedNewest);
+        assert_eq!(
+            o.push(&frame("this is far too long"), now),
+            Push::DroppedNewest
+        );
     }
 
     #[test]

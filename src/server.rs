@@ -100,8 +100,8 @@ impl Limiter {
     /// Takes a slot; `None` means close the socket without answering.
     fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut over = (total > self.max)
-            .then(|| format!("server is at its connection limit ({})", self.max));
+        let mut over =
+            (total > self.max).then(|| format!("server is at its connection limit ({})", self.max));
         if self.per_ip > 0 {
             let mut map = self.by_ip.lock();
             let n = map.entry(ip).or_insert(0);

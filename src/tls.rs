@@ -73,7 +73,10 @@ fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Reads a PEM certificate chain (leaf first).
-pub fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_file(key, path)?;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
     let certs = certs.map_err(|e| TlsError::Content {
@@ -133,13 +136,14 @@ fn certified_key(
         Ok(()) => Ok(Arc::new(ck)),
         // Unknown means the key type cannot be compared; rustls will still
         // fail the handshake if they differ, so let it through.
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-            Ok(Arc::new(ck))
-        }
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(Arc::new(ck)),
         Err(e) => Err(TlsError::Content {
             key: "tls.key",
             path: key.to_path_buf(),
-            reason: format!("does not match the certificate in tls.cert {}: {e}", cert.display()),
+            reason: format!(
+                "does not match the certificate in tls.cert {}: {e}",
+                cert.display()
+            ),
         }),
     }
 }
@@ -154,12 +158,21 @@ pub struct DevCert {
 
 /// Generates the `--dev` certificate.
 pub fn generate_dev_cert() -> Result<DevCert, TlsError> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     let generated =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Dev(e.to_string()))?;
     let cert_der = generated.cert.der().clone();
     let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-    let certified = certified_key(vec![cert_der], key_der, Path::new("(generated)"), Path::new("(generated)"))?;
+    let certified = certified_key(
+        vec![cert_der],
+        key_der,
+        Path::new("(generated)"),
+        Path::new("(generated)"),
+    )?;
     Ok(DevCert {
         cert_pem: generated.cert.pem(),
         certified,
@@ -224,8 +237,8 @@ impl TlsMaterial {
             TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let builder = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(versions)?;
+        let builder =
+            ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
         let builder = match &self.client_roots {
             None => builder.with_no_client_auth(),
             Some(roots) => {
@@ -334,7 +347,10 @@ mod tests {
             &mut errors,
         );
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].starts_with("tls.key: does not match"), "{errors:?}");
+        assert!(
+            errors[0].starts_with("tls.key: does not match"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ const N: u64 = 100_000;
 
 fn payload(i: u64) -> String {
     // ~200 bytes a message: 100,000 of them are far more than kernel buffers hold.
-    format!(r#"{{"op":"publish","topic":"bp","data":[{i},"{}"]}}"#, "p".repeat(180))
+    format!(
+        r#"{{"op":"publish","topic":"bp","data":[{i},"{}"]}}"#,
+        "p".repeat(180)
+    )
 }
 
 /// Chunk size: the fast subscriber's queue (64 KiB, ~290 messages) holds a
@@ -56,7 +59,9 @@ async fn publish_all(publ: &mut Ws, progress: &mut tokio::sync::watch::Receiver<
     while i < N {
         let end = (i + CHUNK).min(N);
         for j in i..end {
-            publ.feed(Message::Text(payload(j).into())).await.expect("feed");
+            publ.feed(Message::Text(payload(j).into()))
+                .await
+                .expect("feed");
         }
         publ.flush().await.expect("flush");
         tokio::time::timeout(WAIT, progress.wait_for(|got| *got >= end))
@@ -65,7 +70,11 @@ async fn publish_all(publ: &mut Ws, progress: &mut tokio::sync::watch::Receiver<
             .expect("fast subscriber alive");
         i = end;
     }
-    send(publ, json!({"op":"publish","topic":"other","data":"end","id":"last"})).await;
+    send(
+        publ,
+        json!({"op":"publish","topic":"other","data":"end","id":"last"}),
+    )
+    .await;
     let ack = recv(publ).await;
     assert_eq!(ack, json!({"type":"ack","id":"last"}));
     start.elapsed()
@@ -75,7 +84,10 @@ async fn fast_reader(mut ws: Ws, progress: tokio::sync::watch::Sender<u64>) -> u
     let mut next = 0u64;
     while next < N {
         let v = recv(&mut ws).await;
-        assert_eq!(v["data"][0], next, "fast subscriber gets every message in order");
+        assert_eq!(
+            v["data"][0], next,
+            "fast subscriber gets every message in order"
+        );
         next += 1;
         if next % CHUNK == 0 || next == N {
             progress.send_replace(next);
@@ -96,7 +108,10 @@ fn settings(overflow: &'static str) -> Vec<(&'static str, &'static str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_with_drop_oldest() {
     let srv = TestServer::start(&settings("drop_oldest")).await;
-    let dropped_before = metric(&srv.metrics().await, r#"wsbroker_messages_dropped_total{reason="queue_full"}"#);
+    let dropped_before = metric(
+        &srv.metrics().await,
+        r#"wsbroker_messages_dropped_total{reason="queue_full"}"#,
+    );
     let mut stalled = stalled_client(&srv).await;
     subscribe(&mut stalled, "bp", 1).await;
     let mut fast = srv.ws().await;
@@ -126,7 +141,13 @@ async fn stalled_reader_with_drop_oldest() {
 
     let took = publish_all(&mut publ, &mut progress).await;
     assert!(took < Duration::from_secs(60), "publisher took {took:?}");
-    assert_eq!(tokio::time::timeout(Duration::from_secs(60), fast).await.expect("fast in time").expect("fast"), N);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(60), fast)
+            .await
+            .expect("fast in time")
+            .expect("fast"),
+        N
+    );
 
     let occ = srv
         .server
@@ -141,11 +162,27 @@ async fn stalled_reader_with_drop_oldest() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (max_msgs, max_bytes, samples) = watch.await.expect("watcher");
     assert!(samples > 10, "the queue was watched while publishing");
-    assert!(max_msgs <= 1000, "queue exceeded queue_capacity: {max_msgs}");
-    assert!(max_bytes <= 65536, "queue exceeded queue_max_bytes: {max_bytes}");
-    assert!(max_bytes > 32768, "the stalled queue did fill up: {max_bytes}");
-    let dropped = metric(&srv.metrics().await, r#"wsbroker_messages_dropped_total{reason="queue_full"}"#);
-    assert!(dropped - dropped_before > 50_000.0, "drops counted: {}", dropped - dropped_before);
+    assert!(
+        max_msgs <= 1000,
+        "queue exceeded queue_capacity: {max_msgs}"
+    );
+    assert!(
+        max_bytes <= 65536,
+        "queue exceeded queue_max_bytes: {max_bytes}"
+    );
+    assert!(
+        max_bytes > 32768,
+        "the stalled queue did fill up: {max_bytes}"
+    );
+    let dropped = metric(
+        &srv.metrics().await,
+        r#"wsbroker_messages_dropped_total{reason="queue_full"}"#,
+    );
+    assert!(
+        dropped - dropped_before > 50_000.0,
+        "drops counted: {}",
+        dropped - dropped_before
+    );
 
     // Resumed, the stalled reader drains what is buffered and then gets the newest messages.
     let mut last = None;
@@ -167,7 +204,11 @@ async fn stalled_reader_with_drop_oldest() {
             Err(_) => break,
         }
     }
-    assert_eq!(last, Some(N - 1), "the newest message arrives after resuming");
+    assert_eq!(
+        last,
+        Some(N - 1),
+        "the newest message arrives after resuming"
+    );
     assert!(seen < N, "some messages were dropped, got {seen}");
 }
 
@@ -182,7 +223,13 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
     let fast = tokio::spawn(fast_reader(fast, tx));
     let mut publ = srv.ws().await;
     publish_all(&mut publ, &mut progress).await;
-    assert_eq!(tokio::time::timeout(Duration::from_secs(60), fast).await.expect("fast in time").expect("fast"), N);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(60), fast)
+            .await
+            .expect("fast in time")
+            .expect("fast"),
+        N
+    );
     // The stalled one was cut: draining it ends in a 1008 close or the TCP close.
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -201,10 +248,17 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
     let deadline = Instant::now() + WAIT;
     loop {
         let m = srv.metrics().await;
-        if metric(&m, r#"wsbroker_connections_closed_total{reason="slow_consumer"}"#) >= 1.0 {
+        if metric(
+            &m,
+            r#"wsbroker_connections_closed_total{reason="slow_consumer"}"#,
+        ) >= 1.0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "slow_consumer close not counted:\n{m}");
+        assert!(
+            Instant::now() < deadline,
+            "slow_consumer close not counted:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The others still work.

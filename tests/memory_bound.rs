@@ -56,8 +56,12 @@ async fn connect(port: u16, tls: &std::sync::Arc<rustls::ClientConfig>, rcvbuf: 
     let mut req = format!("wss://localhost:{port}/ws")
         .into_client_request()
         .expect("request");
-    req.headers_mut().insert("Origin", ORIGIN.parse().expect("origin"));
-    tokio_tungstenite::client_async(req, tls).await.expect("upgrade").0
+    req.headers_mut()
+        .insert("Origin", ORIGIN.parse().expect("origin"));
+    tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade")
+        .0
 }
 
 const STALLED: u64 = 8;
@@ -93,7 +97,10 @@ async fn rss_growth_is_bounded_by_the_queue_settings() {
     let _daemon = Daemon(child);
     let tls = client_config(&cert.cert_der);
     let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "daemon did not start listening");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -137,6 +144,9 @@ async fn rss_growth_is_bounded_by_the_queue_settings() {
         allowed >> 20,
         (published_bytes * STALLED) >> 20
     );
-    assert!(growth < allowed, "RSS grew by {growth} bytes, more than the bound {allowed}");
+    assert!(
+        growth < allowed,
+        "RSS grew by {growth} bytes, more than the bound {allowed}"
+    );
     drop(stalled);
 }

@@ -48,7 +48,14 @@ async fn every_json_type_is_carried() {
     let srv = TestServer::start(&[]).await;
     let mut ws = srv.ws().await;
     subscribe(&mut ws, "t", 1).await;
-    for data in [json!(null), json!(true), json!(1.5e300), json!("s\u{1F600}"), json!([]), json!({"k":{}})] {
+    for data in [
+        json!(null),
+        json!(true),
+        json!(1.5e300),
+        json!("s\u{1F600}"),
+        json!([]),
+        json!({"k":{}}),
+    ] {
         send(&mut ws, json!({"op":"publish","topic":"t","data":data})).await;
         let m = recv(&mut ws).await;
         assert_eq!(m["data"], data, "a publisher receives its own message");
@@ -101,11 +108,19 @@ async fn unsubscribe_stops_delivery() {
     subscribe(&mut sub, "marker", 2).await;
     publish(&mut publ, "news", json!(1), 1).await;
     assert_eq!(recv(&mut sub).await["data"], 1);
-    send(&mut sub, json!({"op":"unsubscribe","topic":"news","id":"u"})).await;
+    send(
+        &mut sub,
+        json!({"op":"unsubscribe","topic":"news","id":"u"}),
+    )
+    .await;
     assert_eq!(recv(&mut sub).await, json!({"type":"ack","id":"u"}));
     publish(&mut publ, "news", json!(2), 2).await;
     publish(&mut publ, "marker", json!("m"), 3).await;
-    assert_eq!(recv(&mut sub).await["data"], "m", "nothing from news after unsubscribe");
+    assert_eq!(
+        recv(&mut sub).await["data"],
+        "m",
+        "nothing from news after unsubscribe"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +139,9 @@ async fn per_publisher_order_over_10000_messages() {
     let writer = tokio::spawn(async move {
         for i in 0..n {
             publ.feed(Message::Text(
-                json!({"op":"publish","topic":"seq","data":i}).to_string().into(),
+                json!({"op":"publish","topic":"seq","data":i})
+                    .to_string()
+                    .into(),
             ))
             .await
             .expect("feed");
@@ -176,18 +193,73 @@ async fn bad_frames_get_an_error_and_the_connection_keeps_working() {
     let mut ws = srv.ws().await;
     let text = |s: &str| Message::Text(s.to_string().into());
     expect_error(&mut ws, text("{not json"), None, "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"dance","topic":"a","id":1}"#), Some(json!(1)), "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"subscribe","topic":"a..b","id":"x"}"#), Some(json!("x")), "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"subscribe","topic":"has space","id":2}"#), Some(json!(2)), "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"publish","topic":"a.*","data":1,"id":3}"#), Some(json!(3)), "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"publish","topic":"a.>","data":1,"id":4}"#), Some(json!(4)), "bad_request").await;
-    expect_error(&mut ws, text(r#"{"op":"publish","topic":"a","id":5}"#), Some(json!(5)), "bad_request").await;
-    expect_error(&mut ws, text(&format!(r#"{{"op":"subscribe","topic":"{}","id":6}}"#, "a".repeat(257))), Some(json!(6)), "bad_request").await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"dance","topic":"a","id":1}"#),
+        Some(json!(1)),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"subscribe","topic":"a..b","id":"x"}"#),
+        Some(json!("x")),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"subscribe","topic":"has space","id":2}"#),
+        Some(json!(2)),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"publish","topic":"a.*","data":1,"id":3}"#),
+        Some(json!(3)),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"publish","topic":"a.>","data":1,"id":4}"#),
+        Some(json!(4)),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(r#"{"op":"publish","topic":"a","id":5}"#),
+        Some(json!(5)),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        text(&format!(
+            r#"{{"op":"subscribe","topic":"{}","id":6}}"#,
+            "a".repeat(257)
+        )),
+        Some(json!(6)),
+        "bad_request",
+    )
+    .await;
     expect_error(&mut ws, text("[1,2]"), None, "bad_request").await;
-    expect_error(&mut ws, Message::Binary(vec![1u8, 2, 3].into()), None, "bad_request").await;
+    expect_error(
+        &mut ws,
+        Message::Binary(vec![1u8, 2, 3].into()),
+        None,
+        "bad_request",
+    )
+    .await;
     // Still fully usable.
     subscribe(&mut ws, "still.ok", 7).await;
-    send(&mut ws, json!({"op":"publish","topic":"still.ok","data":"yes","id":8})).await;
+    send(
+        &mut ws,
+        json!({"op":"publish","topic":"still.ok","data":"yes","id":8}),
+    )
+    .await;
     let a = recv(&mut ws).await;
     let b = recv(&mut ws).await;
     let mut got = [a, b];
@@ -203,7 +275,13 @@ async fn subscription_limit_gives_limit_error() {
     for i in 0..3 {
         subscribe(&mut ws, &format!("t{i}"), i).await;
     }
-    expect_error(&mut ws, Message::Text(r#"{"op":"subscribe","topic":"t9","id":9}"#.into()), Some(json!(9)), "limit").await;
+    expect_error(
+        &mut ws,
+        Message::Text(r#"{"op":"subscribe","topic":"t9","id":9}"#.into()),
+        Some(json!(9)),
+        "limit",
+    )
+    .await;
     // Re-subscribing to a held topic is not a new subscription.
     subscribe(&mut ws, "t1", 10).await;
 }
@@ -223,7 +301,10 @@ async fn invalid_utf8_closes_1007() {
 async fn oversized_message_closes_1009() {
     let srv = TestServer::start(&[("WSBROKER__SERVER__MAX_MESSAGE_SIZE", "1024")]).await;
     let mut ws = srv.ws().await;
-    let big = format!(r#"{{"op":"publish","topic":"a","data":"{}"}}"#, "x".repeat(2000));
+    let big = format!(
+        r#"{{"op":"publish","topic":"a","data":"{}"}}"#,
+        "x".repeat(2000)
+    );
     ws.send(Message::Text(big.into())).await.expect("send");
     let close = expect_close(&mut ws).await.expect("close frame");
     assert_eq!(u16::from(close.code), 1009);
@@ -234,12 +315,20 @@ async fn fragmented_message_over_the_limit_closes_1009() {
     let srv = TestServer::start(&[("WSBROKER__SERVER__MAX_MESSAGE_SIZE", "1024")]).await;
     let mut ws = srv.ws().await;
     let part = vec![b'x'; 600];
-    ws.send(Message::Frame(Frame::message(part.clone(), OpCode::Data(Data::Text), false)))
-        .await
-        .expect("first fragment");
-    ws.send(Message::Frame(Frame::message(part, OpCode::Data(Data::Continue), true)))
-        .await
-        .expect("second fragment");
+    ws.send(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .expect("first fragment");
+    ws.send(Message::Frame(Frame::message(
+        part,
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .expect("second fragment");
     let close = expect_close(&mut ws).await.expect("close frame");
     assert_eq!(u16::from(close.code), 1009);
 }
@@ -259,7 +348,10 @@ async fn client_close_is_echoed() {
     })
     .await
     .expect("closed in time");
-    assert!(rest.iter().all(|f| matches!(f, Ok(Message::Close(_)))), "{rest:?}");
+    assert!(
+        rest.iter().all(|f| matches!(f, Ok(Message::Close(_)))),
+        "{rest:?}"
+    );
 }
 
 #[tokio::test]
@@ -271,11 +363,15 @@ async fn plain_http_to_the_tls_port_does_not_disturb_a_subscriber() {
     subscribe(&mut sub, "live", 1).await;
     for _ in 0..5 {
         let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.expect("tcp");
-        tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf)).await;
         let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.expect("tcp");
-        let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7]).await;
+        let _ = tcp
+            .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7])
+            .await;
         let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf)).await;
     }
     publish(&mut publ, "live", json!("still here"), 1).await;
