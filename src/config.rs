@@ -232,10 +232,11 @@ impl Settings {
         let mut env = Environment::with_prefix("WSBROKER")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("server.listen")
-            .with_list_parse_key("origins.allow");
+            // Values stay strings: typed keys parse strings themselves, and a
+            // string key that looks like a number (tls.min_version = 1.3, a
+            // numeric publish_token) must not become a float. Lists are split
+            // on commas by `strings()`.
+            .try_parsing(false);
         if let Some(map) = &opts.env {
             env = env.source(Some(map.clone()));
         }
@@ -772,6 +773,9 @@ mod tests {
                 ("WSBROKER__CONNECTION__QUEUE_CAPACITY", "64"),
                 ("WSBROKER__CONNECTION__OVERFLOW", "disconnect"),
                 ("WSBROKER__ORIGINS__ALLOW", "https://a.com"),
+                ("WSBROKER__TLS__MIN_VERSION", "1.3"),
+                ("WSBROKER__ADMIN__PUBLISH_TOKEN", "12345"),
+                ("WSBROKER__ORIGINS__ALLOW_MISSING", "true"),
             ],
         )
         .expect("valid");
@@ -782,6 +786,9 @@ mod tests {
         assert_eq!(s.connection.queue_capacity, 64);
         assert_eq!(s.connection.overflow, Overflow::Disconnect);
         assert_eq!(s.origins.allow, vec!["https://a.com".to_string()]);
+        assert_eq!(s.tls.min_version, TlsMinVersion::Tls13);
+        assert_eq!(s.admin.publish_token, "12345");
+        assert!(s.origins.allow_missing);
     }
 
     #[test]

@@ -477,6 +477,11 @@ where
             }
         }
     };
+    // Replies (acks, errors) queued before the close still go out first.
+    if !batch.is_empty() && request.code != PEER_CLOSED {
+        let _ = timeout(CLOSE_WAIT, write_batch(sink, &mut batch, m)).await;
+    }
+    batch.clear();
     if request.code == PEER_CLOSED {
         // Completes a close the peer started (tungstenite queued the echo).
         let _ = timeout(CLOSE_WAIT, sink.close()).await;

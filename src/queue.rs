@@ -116,8 +116,12 @@ impl Outbox {
         if inner.close.is_some() {
             return Push::Closed;
         }
+        // A lone message always fits, so a message larger than the byte
+        // budget (up to max_message_size) is still delivered to a reader
+        // that keeps up; the bound is then one message.
         let full = |i: &Inner| {
-            i.data_len >= self.limits.capacity || i.data_bytes + len > self.limits.max_bytes
+            i.data_len >= self.limits.capacity
+                || (i.data_len > 0 && i.data_bytes + len > self.limits.max_bytes)
         };
         let mut outcome = Push::Queued;
         if full(&inner) {
@@ -206,6 +210,12 @@ impl Outbox {
     pub fn take(&self, out: &mut VecDeque<Queued>) -> Option<CloseRequest> {
         let mut inner = self.inner.lock();
         if let Some(close) = inner.close.clone() {
+            // Data is abandoned, but replies still go out before the close
+            // frame: the client learns which of its requests were accepted.
+            out.extend(inner.queue.drain(..).filter(|q| q.reply));
+            inner.data_len = 0;
+            inner.data_bytes = 0;
+            inner.replies = 0;
             return Some(close);
         }
         std::mem::swap(&mut inner.queue, out);
@@ -325,10 +335,16 @@ mod tests {
         let occ = o.occupancy();
         assert_eq!(occ.messages, 2);
         assert!(occ.bytes <= 10);
+        // Larger than the whole budget: it replaces everything queued...
         assert_eq!(
             o.push(&frame("this is far too long"), now),
-            Push::DroppedNewest
+            Push::DroppedOldest
         );
+        assert_eq!(o.occupancy().messages, 1);
+        // ...and alone it fits.
+        let mut out = VecDeque::new();
+        assert!(o.take(&mut out).is_none());
+        assert_eq!(o.push(&frame("this is far too long"), now), Push::Queued);
     }
 
     #[test]

@@ -150,6 +150,8 @@ impl TestServer {
     pub async fn raw_http(&self, request: &str) -> String {
         let mut tls = self.tls().await;
         tls.write_all(request.as_bytes()).await.expect("write");
+        // tokio-rustls may hold plaintext until flushed.
+        tls.flush().await.expect("flush");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
