@@ -78,6 +78,11 @@ impl Broker {
         self.registry.lock().len()
     }
 
+    /// Every open connection.
+    pub fn subscribers(&self) -> Vec<Arc<Subscriber>> {
+        self.registry.lock().values().cloned().collect()
+    }
+
     /// The outbox occupancy of every open connection, by id.
     pub fn occupancies(&self) -> Vec<(u64, crate::queue::Occupancy)> {
         let subs: Vec<Arc<Subscriber>> = self.registry.lock().values().cloned().collect();

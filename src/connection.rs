@@ -1,6 +1,6 @@
 //! One client's life after the upgrade: a reader (commands in, idle timer,
 //! inbound rate limit) and a writer (outbox out in coalesced batches, pings,
-//! the close handshake), run as two futures of one task.
+//! the close handshake), each a task of its own.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -59,12 +59,10 @@ pub struct Context {
     pub settings: Arc<ConnectionSettings>,
     /// Metric handles.
     pub metrics: &'static Metrics,
-    /// Cancelled when the server starts draining.
+    /// Cancelled when the server starts draining. Checked once, right after
+    /// the connection registers; afterwards the drain reaches it through the
+    /// broker's registry (hot loops never poll a token shared by everyone).
     pub drain: CancellationToken,
-    /// Cancelled when the remaining connections must be cut.
-    pub hard: CancellationToken,
-    /// Window over which drain closes are spread.
-    pub shutdown_grace: Duration,
 }
 
 fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRequest {
@@ -108,6 +106,10 @@ where
             subscriptions: AtomicUsize::new(0),
         });
         ctx.broker.register(&sub);
+        if ctx.drain.is_cancelled() {
+            // Upgraded while the drain was starting: it may have missed us.
+            outbox.close(crate::queue::CloseRequest::shutdown());
+        }
         let reader_done = CancellationToken::new();
         let stop_reader = CancellationToken::new();
         let writer = {
@@ -116,10 +118,8 @@ where
             let stop_reader = stop_reader.clone();
             tokio::spawn(
                 async move {
-                    let reason = tokio::select! {
-                        r = write_loop(&mut sink, &ctx, &outbox, &reader_done, &stop_reader) => Some(r),
-                        _ = ctx.hard.cancelled() => None,
-                    };
+                    let reason =
+                        write_loop(&mut sink, &ctx, &outbox, &reader_done, &stop_reader).await;
                     stop_reader.cancel();
                     (sink, reason)
                 }
@@ -127,17 +127,15 @@ where
             )
         };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
-        tokio::select! {
-            _ = read_loop(&mut stream, &ctx, &sub, &mut patterns, &stop_reader) => {}
-            _ = ctx.hard.cancelled() => {}
-        }
+        read_loop(&mut stream, &ctx, &sub, &mut patterns, &stop_reader).await;
         reader_done.cancel();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
         ctx.broker.deregister(ctx.id);
         let reason = match writer.await {
-            Ok((sink, Some(reason))) => {
-                if let Ok(ws) = sink.reunite(stream) {
+            Ok((sink, reason)) => {
+                let aborted = sub.outbox.is_aborted();
+                if let (false, Ok(ws)) = (aborted, sink.reunite(stream)) {
                     // close_notify, so TLS clients see a clean end of stream.
                     // Boxed so the connection's future keeps no room for it.
                     let close = Box::pin(async move {
@@ -148,7 +146,6 @@ where
                 }
                 reason
             }
-            Ok((_, None)) => CloseReason::Shutdown,
             Err(_) => CloseReason::Error,
         };
         m.connections_active.decrement(1.0);
@@ -427,27 +424,10 @@ where
     let ping_every = ctx.settings.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Shutdown closes are spread over most of the grace window so clients do
-    // not all reconnect at once; the rest of the window is for close replies.
-    let spread = ctx.shutdown_grace.mul_f64(0.75);
-    let mut drain = pin!(async {
-        ctx.drain.cancelled().await;
-        sleep(spread.mul_f64(fastrand::f64())).await;
-    });
-    let mut draining = false;
     let closing = outbox.closing_token();
     let request = loop {
         tokio::select! {
             biased;
-            _ = &mut drain, if !draining => {
-                draining = true;
-                // Deliver what is already queued, then say goodbye.
-                if outbox.take(&mut batch).is_none() && !batch.is_empty() {
-                    let _ = timeout(CLOSE_WAIT, write_batch(sink, &mut batch, m)).await;
-                    batch.clear();
-                }
-                outbox.close(close_request(1001, "server shutting down", CloseReason::Shutdown));
-            }
             _ = outbox.ready() => {
                 if let Some(request) = outbox.take(&mut batch) {
                     break request;
@@ -455,7 +435,10 @@ where
                 if batch.is_empty() {
                     continue;
                 }
+                // Biased: the write usually completes at once, and then the
+                // close token is never polled.
                 let written = tokio::select! {
+                    biased;
                     r = write_batch(sink, &mut batch, m) => r,
                     _ = closing.cancelled() => Ok(()),
                 };
@@ -467,6 +450,7 @@ where
             }
             _ = ping.tick() => {
                 let sent = tokio::select! {
+                    biased;
                     r = sink.send(Message::Ping(Bytes::new())) => r,
                     _ = closing.cancelled() => Ok(()),
                 };
@@ -477,7 +461,12 @@ where
             }
         }
     };
-    // Replies (acks, errors) queued before the close still go out first.
+    if outbox.is_aborted() {
+        // The shutdown grace is over: no goodbyes.
+        stop_reader.cancel();
+        return request.label;
+    }
+    // Replies (and, on shutdown, queued messages) still go out first.
     if !batch.is_empty() && request.code != PEER_CLOSED {
         let _ = timeout(CLOSE_WAIT, write_batch(sink, &mut batch, m)).await;
     }

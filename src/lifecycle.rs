@@ -141,7 +141,7 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
         _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
             // A second SIGTERM/SIGINT: stop waiting for the grace window.
             warn!("second signal: cutting the remaining connections");
-            running.shared().hard.cancel();
+            running.cut();
             drain.await;
         }
     }

@@ -42,6 +42,17 @@ pub struct Queued {
     pub reply: bool,
 }
 
+impl CloseRequest {
+    /// The graceful close of a server shutdown (queued messages are still sent).
+    pub fn shutdown() -> Self {
+        CloseRequest {
+            code: 1001,
+            reason: "server shutting down",
+            label: crate::metrics::CloseReason::Shutdown,
+        }
+    }
+}
+
 /// Outcome of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -83,6 +94,7 @@ pub struct Outbox {
     writer: Notify,
     reply_space: Notify,
     closing: CancellationToken,
+    aborted: std::sync::atomic::AtomicBool,
     limits: QueueLimits,
 }
 
@@ -105,6 +117,7 @@ impl Outbox {
             writer: Notify::new(),
             reply_space: Notify::new(),
             closing: CancellationToken::new(),
+            aborted: std::sync::atomic::AtomicBool::new(false),
             limits,
         }
     }
@@ -210,9 +223,11 @@ impl Outbox {
     pub fn take(&self, out: &mut VecDeque<Queued>) -> Option<CloseRequest> {
         let mut inner = self.inner.lock();
         if let Some(close) = inner.close.clone() {
-            // Data is abandoned, but replies still go out before the close
-            // frame: the client learns which of its requests were accepted.
-            out.extend(inner.queue.drain(..).filter(|q| q.reply));
+            // Replies still go out before the close frame (the client learns
+            // which of its requests were accepted); so does queued data on a
+            // graceful shutdown. Otherwise data is abandoned.
+            let keep_data = close.label == crate::metrics::CloseReason::Shutdown;
+            out.extend(inner.queue.drain(..).filter(|q| q.reply || keep_data));
             inner.data_len = 0;
             inner.data_bytes = 0;
             inner.replies = 0;
@@ -245,6 +260,19 @@ impl Outbox {
         drop(inner);
         self.writer.notify_one();
         self.reply_space.notify_waiters();
+    }
+
+    /// Ends the connection without a close handshake (shutdown grace over).
+    pub fn abort(&self) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.close(CloseRequest::shutdown());
+        self.closing.cancel();
+    }
+
+    /// True after [`Outbox::abort`].
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// True once a close was requested.

@@ -328,15 +328,44 @@ impl RunningServer {
         let s = &self.shared;
         s.ready.store(false, Ordering::Release);
         s.stop_accepting.cancel();
+        // Before the snapshot: a connection registering after it sees the
+        // token and closes itself.
         s.drain.cancel();
         s.tracker.close();
         let grace = s.settings.load().server.shutdown_grace;
+        let start = tokio::time::Instant::now();
+        // Closes are spread (with jitter) over most of the grace window so
+        // clients do not all reconnect at once; the rest of the window is for
+        // their close replies.
+        let spread = grace.mul_f64(0.75);
+        let mut schedule: Vec<_> = s
+            .broker
+            .subscribers()
+            .into_iter()
+            .map(|sub| (spread.mul_f64(fastrand::f64()), sub))
+            .collect();
+        schedule.sort_by_key(|(at, _)| *at);
+        let closer = tokio::spawn(async move {
+            for (at, sub) in schedule {
+                tokio::time::sleep_until(start + at).await;
+                sub.outbox.close(crate::queue::CloseRequest::shutdown());
+            }
+        });
         if tokio::time::timeout(grace, s.tracker.wait()).await.is_err() {
             warn!("shutdown grace expired; cutting the remaining connections");
-            s.hard.cancel();
+            self.cut();
             let _ = tokio::time::timeout(Duration::from_secs(2), s.tracker.wait()).await;
         }
+        closer.abort();
         s.hard.cancel();
+    }
+
+    /// Ends every connection now, without close handshakes.
+    pub fn cut(&self) {
+        for sub in self.shared.broker.subscribers() {
+            sub.outbox.abort();
+        }
+        self.shared.hard.cancel();
     }
 }
 
@@ -473,8 +502,6 @@ async fn upgrade(
         settings: shared.connection.clone(),
         metrics: shared.metrics,
         drain: shared.drain.clone(),
-        hard: shared.hard.clone(),
-        shutdown_grace: settings.server.shutdown_grace,
     };
     Some((ws, ctx))
 }
