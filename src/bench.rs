@@ -440,7 +440,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         });
     }
 
-    if let Some(limit) = raise_nofile_limit() {
+    if let Some(limit) = crate::lifecycle::raise_nofile_limit() {
         if (total as u64).saturating_add(64) > limit {
             eprintln!(
                 "bench: warning: {total} connections but the open-file limit is {limit}; expect connect errors"
@@ -1150,32 +1150,6 @@ impl FrameGen {
         self.seq += 1;
         Message::text(self.buf.as_str())
     }
-}
-
-/// Raises the soft open-file limit to the hard one; returns the new soft limit.
-fn raise_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain libc calls with a valid, owned struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return None;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-                lim = wanted;
-            }
-        }
-    }
-    // rlim_t is u64 on Linux but not on every target.
-    #[allow(clippy::unnecessary_cast)]
-    Some(lim.rlim_cur as u64)
 }
 
 /// User + system CPU seconds of this process.

@@ -21,6 +21,25 @@ use tokio_tungstenite::WebSocketStream;
 use wsbroker::config::{LoadOptions, Settings};
 use wsbroker::server::RunningServer;
 
+/// A child process (the real binary) killed and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (for configs of the real
+/// binary, whose port-0 listeners are not visible from outside).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// How long any single expectation may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
