@@ -6,7 +6,6 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use wsbroker::config::Overflow;
 use wsbroker::protocol;
 use wsbroker::queue::{Outbox, QueueLimits};
@@ -52,9 +51,9 @@ fn fanout_encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("parse_and_encode_publish", |b| {
         b.iter(|| match protocol::parse_command(black_box(&text)) {
-            Ok(protocol::Command::Publish { topic, data, .. }) => black_box(Utf8Bytes::from(
-                protocol::encode_message(&topic, data.get()),
-            )),
+            Ok(protocol::Command::Publish { topic, data, .. }) => {
+                black_box(protocol::message_frame(&topic, data.get()))
+            }
             _ => unreachable!("valid publish"),
         })
     });
@@ -62,10 +61,10 @@ fn fanout_encode(c: &mut Criterion) {
 }
 
 fn queue_push_take(c: &mut Criterion) {
-    let frame = Utf8Bytes::from(protocol::encode_message(
+    let frame = protocol::message_frame(
         "chat.room1",
         "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab\"",
-    ));
+    );
     let mut group = c.benchmark_group("outbox");
     group.throughput(Throughput::Elements(64));
     group.bench_function("push64_take", |b| {

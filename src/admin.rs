@@ -16,7 +16,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn};
 
 use crate::protocol::{self, HttpPublish};
@@ -201,7 +200,7 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
             ),
         );
     }
-    let frame = Utf8Bytes::from(protocol::encode_message(&parsed.topic, parsed.data.get()));
+    let frame = protocol::message_frame(&parsed.topic, parsed.data.get());
     let fanout = shared.broker.publish(&parsed.topic, &frame);
     shared.metrics.published_http.increment(1);
     json(

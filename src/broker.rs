@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
 use crate::queue::{Outbox, Push};
@@ -131,7 +131,7 @@ impl Broker {
     }
 
     /// Queues `frame` to every connection subscribed to `topic`.
-    pub fn publish(&self, topic: &str, frame: &Utf8Bytes) -> Fanout {
+    pub fn publish(&self, topic: &str, frame: &Bytes) -> Fanout {
         let now = Instant::now();
         let mut fanout = Fanout::default();
         {

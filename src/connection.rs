@@ -10,14 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -32,19 +30,67 @@ use crate::queue::{CloseRequest, Outbox, QueueLimits, Queued};
 /// the 128 KiB library default (and its per-read memset). Larger messages
 /// grow it on demand; this is what every idle connection pays.
 pub const READ_BUFFER: usize = 1024;
-/// Write buffer target: about one TLS record, so batches go out in full records.
-pub const WRITE_BUFFER: usize = 16 * 1024;
+/// Frames of a batch are gathered into writes of about this size: one TLS
+/// record each, so a busy connection pays one record per 16 KiB, not per frame.
+pub const WRITE_CHUNK: usize = 16 * 1024;
 /// Longest wait for a peer's close reply (or for a stuck write) after we close.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// tungstenite settings for a server connection.
+/// tungstenite settings for a server connection. tungstenite only reads (and
+/// writes its own Pongs and close echoes); messages bypass it.
 pub fn ws_config(max_message_size: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + max_message_size + 1024)
+        .write_buffer_size(0)
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size))
+}
+
+/// The stream tungstenite sees: reads come from the TLS read half; what it
+/// writes (Pongs, the echo of a client's close) becomes control frames in the
+/// outbox, which the writer task sends ahead of queued data. The writer owns
+/// the TLS write half, so message frames, built once per publish, go from the
+/// outbox to rustls without being framed again per subscriber.
+pub struct ReadSide<R> {
+    rd: R,
+    outbox: Arc<Outbox>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReadSide<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for ReadSide<R> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // tungstenite writes whole frames from its buffer, so each write is
+        // one or more complete frames.
+        self.outbox.control(Bytes::copy_from_slice(buf));
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Everything a connection needs from the server.
@@ -76,29 +122,44 @@ fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRe
 /// The peer started the close (or vanished): finish the handshake, nothing more.
 const PEER_CLOSED: u16 = 0;
 
-/// Runs a connection to its end. The writer is a task of its own, so a
-/// publish wakes only the writer (not the reader) of each subscriber.
+/// Runs a connection to its end, from the first byte after the 101. The
+/// writer is a task of its own, so a publish wakes only the writers (never
+/// the readers) of the subscribers.
 ///
 /// Not an `async fn`: the stream is split (moved to the heap) before the
 /// future is built, so the long-lived future does not reserve room for it.
-pub fn run<S>(ws: WebSocketStream<S>, ctx: Context) -> impl std::future::Future<Output = ()>
+pub fn run<S>(
+    stream: S,
+    leftover: Vec<u8>,
+    max_message_size: usize,
+    ctx: Context,
+) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", id = ctx.id, peer = %ctx.peer);
     let ctx = Arc::new(ctx);
-    let (sink, stream) = ws.split();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let outbox = Arc::new(Outbox::new(QueueLimits {
+        capacity: ctx.settings.queue_capacity,
+        max_bytes: ctx.settings.queue_max_bytes,
+        overflow: ctx.settings.overflow,
+    }));
+    let side = ReadSide {
+        rd,
+        outbox: outbox.clone(),
+    };
     async move {
-        let (mut sink, mut stream) = (sink, stream);
+        let config = ws_config(max_message_size);
+        let mut ws = if leftover.is_empty() {
+            WebSocketStream::from_raw_socket(side, Role::Server, Some(config)).await
+        } else {
+            WebSocketStream::from_partially_read(side, leftover, Role::Server, Some(config)).await
+        };
         let m = ctx.metrics;
         m.connections_opened.increment(1);
         m.connections_active.increment(1.0);
         info!("connection opened");
-        let outbox = Arc::new(Outbox::new(QueueLimits {
-            capacity: ctx.settings.queue_capacity,
-            max_bytes: ctx.settings.queue_max_bytes,
-            overflow: ctx.settings.overflow,
-        }));
         let sub = Arc::new(Subscriber {
             id: ctx.id,
             outbox: outbox.clone(),
@@ -119,35 +180,24 @@ where
             tokio::spawn(
                 async move {
                     let reason =
-                        write_loop(&mut sink, &ctx, &outbox, &reader_done, &stop_reader).await;
+                        write_loop(&mut wr, &ctx, &outbox, &reader_done, &stop_reader).await;
                     stop_reader.cancel();
-                    (sink, reason)
+                    if !outbox.is_aborted() {
+                        // close_notify, so TLS clients see a clean end of stream.
+                        let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
+                    }
+                    reason
                 }
                 .in_current_span(),
             )
         };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
-        read_loop(&mut stream, &ctx, &sub, &mut patterns, &stop_reader).await;
+        read_loop(&mut ws, &ctx, &sub, &mut patterns, &stop_reader).await;
         reader_done.cancel();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
         ctx.broker.deregister(ctx.id);
-        let reason = match writer.await {
-            Ok((sink, reason)) => {
-                let aborted = sub.outbox.is_aborted();
-                if let (false, Ok(ws)) = (aborted, sink.reunite(stream)) {
-                    // close_notify, so TLS clients see a clean end of stream.
-                    // Boxed so the connection's future keeps no room for it.
-                    let close = Box::pin(async move {
-                        let mut ws = ws;
-                        let _ = timeout(CLOSE_WAIT, ws.get_mut().shutdown()).await;
-                    });
-                    close.await;
-                }
-                reason
-            }
-            Err(_) => CloseReason::Error,
-        };
+        let reason = writer.await.unwrap_or(CloseReason::Error);
         m.connections_active.decrement(1.0);
         m.closed(reason).increment(1);
         info!(reason = reason.as_str(), "connection closed");
@@ -209,11 +259,11 @@ impl RateLimiter {
 }
 
 async fn reply(outbox: &Outbox, text: String) -> bool {
-    outbox.reply(Utf8Bytes::from(text)).await
+    outbox.reply(protocol::text_frame(&text)).await
 }
 
 async fn read_loop<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
+    stream: &mut WebSocketStream<S>,
     ctx: &Context,
     sub: &Arc<Subscriber>,
     patterns: &mut HashSet<Box<str>>,
@@ -272,6 +322,9 @@ async fn read_loop<S>(
             continue;
         }
         if matches!(msg, Message::Close(_)) {
+            // tungstenite queued the echo; flushing hands it to the writer
+            // (as a control frame) before the close request below.
+            let _ = futures_util::SinkExt::flush(stream).await;
             outbox.close(close_request(PEER_CLOSED, "", CloseReason::Client));
             return;
         }
@@ -341,7 +394,7 @@ async fn handle_text(
             &rejection.message,
         )),
         Ok(Command::Publish { topic, data, id }) => {
-            let frame = Utf8Bytes::from(protocol::encode_message(&topic, data.get()));
+            let frame = protocol::message_frame(&topic, data.get());
             ctx.broker.publish(&topic, &frame);
             ctx.metrics.published_ws.increment(1);
             id.map(protocol::encode_ack)
@@ -379,26 +432,47 @@ async fn handle_text(
     }
 }
 
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
-
-/// Writes one batch: feed every frame, flush once.
-async fn write_batch<S>(
-    sink: &mut Sink<S>,
+/// Writes one batch of complete frames: gathered into ~16 KiB writes (one
+/// TLS record each, one syscall for the lot), flushed once.
+async fn write_batch<W>(
+    wr: &mut W,
     batch: &mut VecDeque<Queued>,
+    buf: &mut Vec<u8>,
     m: &Metrics,
-) -> Result<(), WsError>
+) -> std::io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let oldest = batch.iter().find(|q| !q.reply).map(|q| q.enqueued);
     let mut delivered = 0u64;
     let mut bytes = 0u64;
-    for q in batch.drain(..) {
-        bytes += q.frame.len() as u64;
-        delivered += u64::from(!q.reply);
-        sink.feed(Message::Text(q.frame)).await?;
+    if let [only] = batch.make_contiguous() {
+        // The common case at low rates: no copy at all.
+        bytes = protocol::text_payload_len(&only.frame) as u64;
+        delivered = u64::from(!only.reply);
+        wr.write_all(&only.frame).await?;
+    } else {
+        buf.clear();
+        for q in batch.iter() {
+            bytes += protocol::text_payload_len(&q.frame) as u64;
+            delivered += u64::from(!q.reply);
+            if !buf.is_empty() && buf.len() + q.frame.len() > WRITE_CHUNK {
+                wr.write_all(buf).await?;
+                buf.clear();
+            }
+            if q.frame.len() >= WRITE_CHUNK {
+                wr.write_all(&q.frame).await?;
+            } else {
+                buf.extend_from_slice(&q.frame);
+            }
+        }
+        if !buf.is_empty() {
+            wr.write_all(buf).await?;
+            buf.clear();
+        }
     }
-    sink.flush().await?;
+    wr.flush().await?;
+    batch.clear();
     m.bytes_sent.increment(bytes);
     if delivered > 0 {
         m.delivered.increment(delivered);
@@ -409,18 +483,26 @@ where
     Ok(())
 }
 
-async fn write_loop<S>(
-    sink: &mut Sink<S>,
+/// Writes one control frame and flushes.
+async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    wr.write_all(frame).await?;
+    wr.flush().await
+}
+
+async fn write_loop<W>(
+    wr: &mut W,
     ctx: &Context,
     outbox: &Outbox,
     reader_done: &CancellationToken,
     stop_reader: &CancellationToken,
 ) -> CloseReason
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let m = ctx.metrics;
     let mut batch: VecDeque<Queued> = VecDeque::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let ping_bytes = protocol::ping_frame();
     let ping_every = ctx.settings.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -439,7 +521,7 @@ where
                 // close token is never polled.
                 let written = tokio::select! {
                     biased;
-                    r = write_batch(sink, &mut batch, m) => r,
+                    r = write_batch(wr, &mut batch, &mut buf, m) => r,
                     _ = closing.cancelled() => Ok(()),
                 };
                 batch.clear();
@@ -451,7 +533,7 @@ where
             _ = ping.tick() => {
                 let sent = tokio::select! {
                     biased;
-                    r = sink.send(Message::Ping(Bytes::new())) => r,
+                    r = write_frame(wr, &ping_bytes) => r,
                     _ = closing.cancelled() => Ok(()),
                 };
                 if let Err(e) = sent {
@@ -466,20 +548,15 @@ where
         stop_reader.cancel();
         return request.label;
     }
-    // Replies (and, on shutdown, queued messages) still go out first.
-    if !batch.is_empty() && request.code != PEER_CLOSED {
-        let _ = timeout(CLOSE_WAIT, write_batch(sink, &mut batch, m)).await;
+    // Replies and control frames (the echo of a client's close among them)
+    // still go out first, and on shutdown the queued messages too.
+    if !batch.is_empty() {
+        let _ = timeout(CLOSE_WAIT, write_batch(wr, &mut batch, &mut buf, m)).await;
     }
     batch.clear();
-    if request.code == PEER_CLOSED {
-        // Completes a close the peer started (tungstenite queued the echo).
-        let _ = timeout(CLOSE_WAIT, sink.close()).await;
-    } else {
-        let frame = CloseFrame {
-            code: CloseCode::from(request.code),
-            reason: Utf8Bytes::from_static(request.reason),
-        };
-        let _ = timeout(CLOSE_WAIT, sink.send(Message::Close(Some(frame)))).await;
+    if request.code != PEER_CLOSED {
+        let frame = protocol::close_frame(request.code, request.reason);
+        let _ = timeout(CLOSE_WAIT, write_frame(wr, &frame)).await;
         // Give the peer a moment to answer the close, then cut.
         let _ = timeout(CLOSE_WAIT, reader_done.cancelled()).await;
     }

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -231,6 +232,90 @@ pub fn encode_message(topic: &str, data: &str) -> String {
     out
 }
 
+/// Length of the WebSocket header of an unmasked server frame with this payload.
+fn header_len(payload: usize) -> usize {
+    match payload {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Appends the header of an unmasked, final server frame (RFC 6455 §5.2).
+fn push_header(out: &mut Vec<u8>, opcode: u8, payload: usize) {
+    out.push(0x80 | opcode);
+    match payload {
+        0..=125 => out.push(payload as u8),
+        126..=65535 => {
+            out.push(126);
+            out.extend_from_slice(&(payload as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(payload as u64).to_be_bytes());
+        }
+    }
+}
+
+/// A complete WebSocket text frame (header + payload) ready for the socket.
+/// Server frames are not masked, so one frame serves every subscriber.
+pub fn text_frame(text: &str) -> Bytes {
+    let mut out = Vec::with_capacity(header_len(text.len()) + text.len());
+    push_header(&mut out, 0x1, text.len());
+    out.extend_from_slice(text.as_bytes());
+    Bytes::from(out)
+}
+
+/// Payload length of a complete server text frame (0 for any other frame),
+/// for the WebSocket payload byte counters.
+pub fn text_payload_len(frame: &[u8]) -> usize {
+    match frame {
+        [0x81, len, ..] => frame.len() - header_len_from(*len),
+        _ => 0,
+    }
+}
+
+fn header_len_from(len_byte: u8) -> usize {
+    match len_byte & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    }
+}
+
+/// A complete Ping frame with an empty payload.
+pub fn ping_frame() -> Bytes {
+    Bytes::from_static(&[0x89, 0x00])
+}
+
+/// A complete Close frame with a code and a (short, UTF-8) reason.
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    // Control frames carry at most 125 bytes: 2 for the code, the rest reason.
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut out = Vec::with_capacity(4 + reason.len());
+    push_header(&mut out, 0x8, 2 + reason.len());
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason);
+    Bytes::from(out)
+}
+
+/// The framed message every subscriber receives, built once per publish in
+/// one allocation: `{"type":"message","topic":…,"data":<raw>}`.
+pub fn message_frame(topic: &str, data: &str) -> Bytes {
+    const HEAD: &str = r#"{"type":"message","topic":""#;
+    const MID: &str = r#"","data":"#;
+    // Topics are validated to need no JSON escaping.
+    let payload = HEAD.len() + topic.len() + MID.len() + data.len() + 1;
+    let mut out = Vec::with_capacity(header_len(payload) + payload);
+    push_header(&mut out, 0x1, payload);
+    out.extend_from_slice(HEAD.as_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(MID.as_bytes());
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    Bytes::from(out)
+}
+
 /// Encodes an ack for request `id`.
 pub fn encode_ack(id: &RawValue) -> String {
     format!(r#"{{"type":"ack","id":{}}}"#, id.get())
@@ -350,6 +435,38 @@ mod tests {
             "]".repeat(MAX_DATA_DEPTH)
         );
         assert!(parse_command(&format!(r#"{{"op":"publish","topic":"a","data":{ok}}}"#)).is_ok());
+    }
+
+    #[test]
+    fn frames_have_rfc6455_headers() {
+        let f = message_frame("a.b", "1");
+        let text = encode_message("a.b", "1");
+        assert_eq!(f[0], 0x81);
+        assert_eq!(f[1] as usize, text.len());
+        assert_eq!(&f[2..], text.as_bytes());
+        let long = "x".repeat(300);
+        let f = text_frame(&long);
+        assert_eq!(&f[..4], &[0x81, 126, 0x01, 0x2c]);
+        assert_eq!(f.len(), 304);
+        let huge = "y".repeat(70_000);
+        let f = text_frame(&huge);
+        assert_eq!(f[1], 127);
+        assert_eq!(
+            u64::from_be_bytes(f[2..10].try_into().expect("8 bytes")),
+            70_000
+        );
+        assert_eq!(
+            &close_frame(1001, "idle timeout")[..4],
+            &[0x88, 14, 0x03, 0xe9]
+        );
+        assert_eq!(&ping_frame()[..], &[0x89, 0]);
+        assert_eq!(text_payload_len(&text_frame(&long)), 300);
+        assert_eq!(text_payload_len(&text_frame(&huge)), 70_000);
+        assert_eq!(
+            text_payload_len(&message_frame("a", "1")),
+            encode_message("a", "1").len()
+        );
+        assert_eq!(text_payload_len(&ping_frame()), 0);
     }
 
     #[test]

@@ -10,9 +10,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Overflow;
@@ -34,11 +34,12 @@ pub struct QueueLimits {
 /// One queued frame.
 #[derive(Debug, Clone)]
 pub struct Queued {
-    /// The encoded text frame, shared between all subscribers.
-    pub frame: Utf8Bytes,
+    /// A complete WebSocket frame (header + payload); a message's frame is
+    /// shared between all its subscribers.
+    pub frame: Bytes,
     /// When the publish was accepted (for the delivery latency histogram).
     pub enqueued: Instant,
-    /// Replies are never dropped.
+    /// Replies and control frames are never dropped.
     pub reply: bool,
 }
 
@@ -85,6 +86,8 @@ struct Inner {
     data_len: usize,
     data_bytes: usize,
     replies: usize,
+    /// Control frames sit at the front, in arrival order: this many.
+    controls: usize,
     close: Option<CloseRequest>,
 }
 
@@ -123,7 +126,7 @@ impl Outbox {
     }
 
     /// Queues a published message, applying the overflow policy. Never waits.
-    pub fn push(&self, frame: &Utf8Bytes, enqueued: Instant) -> Push {
+    pub fn push(&self, frame: &Bytes, enqueued: Instant) -> Push {
         let len = frame.len();
         let mut inner = self.inner.lock();
         if inner.close.is_some() {
@@ -191,7 +194,7 @@ impl Outbox {
 
     /// Queues a reply (ack or error) in order with messages; waits while too
     /// many replies are pending. Returns false when the connection is closing.
-    pub async fn reply(&self, frame: Utf8Bytes) -> bool {
+    pub async fn reply(&self, frame: Bytes) -> bool {
         loop {
             let wait = {
                 let mut inner = self.inner.lock();
@@ -218,6 +221,28 @@ impl Outbox {
         }
     }
 
+    /// Queues a control frame (Pong, the echo of a close) ahead of all data;
+    /// never waits and never drops. Control frames only come from the peer's
+    /// own frames, which the inbound rate limit bounds.
+    pub fn control(&self, frame: Bytes) {
+        let mut inner = self.inner.lock();
+        let was_empty = inner.queue.is_empty();
+        let at = inner.controls;
+        inner.queue.insert(
+            at,
+            Queued {
+                frame,
+                enqueued: Instant::now(),
+                reply: true,
+            },
+        );
+        inner.controls += 1;
+        drop(inner);
+        if was_empty {
+            self.writer.notify_one();
+        }
+    }
+
     /// Moves everything queued into `out` (which must be empty) and returns
     /// the close request, if any. Called by the writer only.
     pub fn take(&self, out: &mut VecDeque<Queued>) -> Option<CloseRequest> {
@@ -228,12 +253,14 @@ impl Outbox {
             // graceful shutdown. Otherwise data is abandoned.
             let keep_data = close.label == crate::metrics::CloseReason::Shutdown;
             out.extend(inner.queue.drain(..).filter(|q| q.reply || keep_data));
+            inner.controls = 0;
             inner.data_len = 0;
             inner.data_bytes = 0;
             inner.replies = 0;
             return Some(close);
         }
         std::mem::swap(&mut inner.queue, out);
+        inner.controls = 0;
         let had_replies = inner.replies > 0;
         inner.data_len = 0;
         inner.data_bytes = 0;
@@ -305,8 +332,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn frame(s: &str) -> Utf8Bytes {
-        Utf8Bytes::from(s.to_string())
+    fn frame(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
     }
 
     fn outbox(capacity: usize, max_bytes: usize, overflow: Overflow) -> Outbox {
@@ -321,7 +348,7 @@ mod tests {
         let mut out = VecDeque::new();
         assert!(o.take(&mut out).is_none());
         out.into_iter()
-            .map(|q| q.frame.as_str().to_string())
+            .map(|q| String::from_utf8_lossy(&q.frame).into_owned())
             .collect()
     }
 
@@ -387,6 +414,19 @@ mod tests {
         let close = o.take(&mut out).expect("close requested");
         assert_eq!(close.code, 1008);
         assert_eq!(close.reason, "slow consumer");
+    }
+
+    #[test]
+    fn control_frames_go_first_in_arrival_order() {
+        let o = outbox(10, 1000, Overflow::DropOldest);
+        let now = Instant::now();
+        o.push(&frame("m1"), now);
+        o.control(frame("pong"));
+        o.control(frame("close"));
+        o.push(&frame("m2"), now);
+        assert_eq!(drain(&o), vec!["pong", "close", "m1", "m2"]);
+        o.control(frame("pong2"));
+        assert_eq!(drain(&o), vec!["pong2"]);
     }
 
     #[tokio::test]

@@ -11,8 +11,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -416,8 +414,9 @@ fn reject(shared: &Shared, peer: SocketAddr, label: RejectReason, reason: &str) 
 /// connection's future alone, not of the handshake's (TLS accept, request
 /// buffer, the stream before the split).
 async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: Arc<Shared>) {
-    if let Some((ws, ctx)) = upgrade(tcp, peer, id, &slot, &shared).await {
-        let conn = crate::connection::run(ws, ctx);
+    if let Some((tls, leftover, ctx)) = upgrade(tcp, peer, id, &slot, &shared).await {
+        let max_message_size = shared.settings.load().server.max_message_size;
+        let conn = crate::connection::run(tls, leftover, max_message_size, ctx);
         shared.tracker.spawn(async move {
             conn.await;
             drop(slot);
@@ -425,7 +424,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
     }
 }
 
-type ServerWs = WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
 async fn upgrade(
     tcp: TcpStream,
@@ -433,7 +432,7 @@ async fn upgrade(
     id: u64,
     slot: &Slot,
     shared: &Arc<Shared>,
-) -> Option<(ServerWs, crate::connection::Context)> {
+) -> Option<(ServerTls, Vec<u8>, crate::connection::Context)> {
     let settings = shared.settings.load_full();
     let budget = settings.server.handshake_timeout;
     let acceptor = shared.tls.acceptor();
@@ -488,13 +487,6 @@ async fn upgrade(
             return None;
         }
     };
-    let config = crate::connection::ws_config(settings.server.max_message_size);
-    let ws = if accepted.leftover.is_empty() {
-        WebSocketStream::from_raw_socket(tls, Role::Server, Some(config)).await
-    } else {
-        WebSocketStream::from_partially_read(tls, accepted.leftover, Role::Server, Some(config))
-            .await
-    };
     let ctx = crate::connection::Context {
         id,
         peer,
@@ -503,5 +495,5 @@ async fn upgrade(
         metrics: shared.metrics,
         drain: shared.drain.clone(),
     };
-    Some((ws, ctx))
+    Some((tls, accepted.leftover, ctx))
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use wsbroker::broker::{Broker, Subscriber};
 use wsbroker::config::Overflow;
 use wsbroker::origin::{Origin, OriginPattern, OriginPolicy};
@@ -150,7 +149,7 @@ proptest! {
                 }
                 Op::Publish(topic) => {
                     prop_assert!(protocol::validate_topic(topic, false).is_ok());
-                    let frame = Utf8Bytes::from(protocol::encode_message(topic, &n.to_string()));
+                    let frame = protocol::message_frame(topic, &n.to_string());
                     let fanout = broker.publish(topic, &frame);
                     let expected: BTreeSet<usize> = (0..CONNS)
                         .filter(|&c| model[c].iter().any(|p| naive_match(p, topic)))
@@ -160,7 +159,7 @@ proptest! {
                         let queued = drain(&sub.outbox);
                         prop_assert!(queued.len() <= 1, "conn {c} got {} copies", queued.len());
                         if let Some(q) = queued.first() {
-                            prop_assert_eq!(q.frame.as_str(), frame.as_str());
+                            prop_assert_eq!(&q.frame, &frame);
                             got.insert(c);
                         }
                     }
