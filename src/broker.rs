@@ -73,11 +73,6 @@ impl Broker {
         self.registry.lock().remove(&id);
     }
 
-    /// Open connections.
-    pub fn connection_count(&self) -> usize {
-        self.registry.lock().len()
-    }
-
     /// Every open connection.
     pub fn subscribers(&self) -> Vec<Arc<Subscriber>> {
         self.registry.lock().values().cloned().collect()

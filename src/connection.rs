@@ -109,6 +109,8 @@ pub struct Context {
     /// the connection registers; afterwards the drain reaches it through the
     /// broker's registry (hot loops never poll a token shared by everyone).
     pub drain: CancellationToken,
+    /// Largest accepted message (and frame), `server.max_message_size`.
+    pub max_message_size: usize,
 }
 
 fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRequest {
@@ -128,12 +130,7 @@ const PEER_CLOSED: u16 = 0;
 ///
 /// Not an `async fn`: the stream is split (moved to the heap) before the
 /// future is built, so the long-lived future does not reserve room for it.
-pub fn run<S>(
-    stream: S,
-    leftover: Vec<u8>,
-    max_message_size: usize,
-    ctx: Context,
-) -> impl std::future::Future<Output = ()>
+pub fn run<S>(stream: S, leftover: Vec<u8>, ctx: Context) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -150,7 +147,7 @@ where
         outbox: outbox.clone(),
     };
     async move {
-        let config = ws_config(max_message_size);
+        let config = ws_config(ctx.max_message_size);
         let mut ws = if leftover.is_empty() {
             WebSocketStream::from_raw_socket(side, Role::Server, Some(config)).await
         } else {

@@ -223,14 +223,13 @@ pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
 /// Encodes the message frame every subscriber receives (built once per publish).
 pub fn encode_message(topic: &str, data: &str) -> String {
     // Topics are validated to need no JSON escaping.
-    let mut out = String::with_capacity(40 + topic.len() + data.len());
-    out.push_str(r#"{"type":"message","topic":""#);
-    out.push_str(topic);
-    out.push_str(r#"","data":"#);
-    out.push_str(data);
-    out.push('}');
-    out
+    [MESSAGE_HEAD, topic, MESSAGE_MID, data, "}"].concat()
 }
+
+/// The message frame's JSON around the topic and the data: one layout for
+/// [`encode_message`] and [`message_frame`].
+const MESSAGE_HEAD: &str = r#"{"type":"message","topic":""#;
+const MESSAGE_MID: &str = r#"","data":"#;
 
 /// Length of the WebSocket header of an unmasked server frame with this payload.
 fn header_len(payload: usize) -> usize {
@@ -302,15 +301,13 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 /// The framed message every subscriber receives, built once per publish in
 /// one allocation: `{"type":"message","topic":…,"data":<raw>}`.
 pub fn message_frame(topic: &str, data: &str) -> Bytes {
-    const HEAD: &str = r#"{"type":"message","topic":""#;
-    const MID: &str = r#"","data":"#;
     // Topics are validated to need no JSON escaping.
-    let payload = HEAD.len() + topic.len() + MID.len() + data.len() + 1;
+    let payload = MESSAGE_HEAD.len() + topic.len() + MESSAGE_MID.len() + data.len() + 1;
     let mut out = Vec::with_capacity(header_len(payload) + payload);
     push_header(&mut out, 0x1, payload);
-    out.extend_from_slice(HEAD.as_bytes());
+    out.extend_from_slice(MESSAGE_HEAD.as_bytes());
     out.extend_from_slice(topic.as_bytes());
-    out.extend_from_slice(MID.as_bytes());
+    out.extend_from_slice(MESSAGE_MID.as_bytes());
     out.extend_from_slice(data.as_bytes());
     out.push(b'}');
     Bytes::from(out)

@@ -321,11 +321,6 @@ impl Outbox {
             replies: inner.replies,
         }
     }
-
-    /// The bounds this outbox enforces.
-    pub fn limits(&self) -> QueueLimits {
-        self.limits
-    }
 }
 
 #[cfg(test)]

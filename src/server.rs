@@ -415,8 +415,7 @@ fn reject(shared: &Shared, peer: SocketAddr, label: RejectReason, reason: &str) 
 /// buffer, the stream before the split).
 async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: Arc<Shared>) {
     if let Some((tls, leftover, ctx)) = upgrade(tcp, peer, id, &slot, &shared).await {
-        let max_message_size = shared.settings.load().server.max_message_size;
-        let conn = crate::connection::run(tls, leftover, max_message_size, ctx);
+        let conn = crate::connection::run(tls, leftover, ctx);
         shared.tracker.spawn(async move {
             conn.await;
             drop(slot);
@@ -494,6 +493,7 @@ async fn upgrade(
         settings: shared.connection.clone(),
         metrics: shared.metrics,
         drain: shared.drain.clone(),
+        max_message_size: settings.server.max_message_size,
     };
     Some((tls, accepted.leftover, ctx))
 }
