@@ -853,8 +853,16 @@ async fn every_metric_moves_by_exactly_what_happened() {
     promtool_check(&m1);
 
     // Drain: a connected client that does not read keeps the drain going
-    // while /readyz answers 503.
-    let drainee = d.ws(false).await;
+    // while /readyz answers 503. It never answers the server's pings, so it
+    // sends its own every 300 ms: any client frame is activity, and without
+    // them idle_timeout (2s) could close it before the jittered shutdown
+    // close reaches it on a slow machine.
+    let (mut drain_sink, drain_stream) = d.ws(false).await.split();
+    let keepalive = tokio::spawn(async move {
+        while drain_sink.send(Message::Ping(Vec::new().into())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
     wait_metrics(&d, "drainee connected", |m| {
         metric(m, "wsbroker_connections_active") == 1.0
     })
@@ -893,7 +901,8 @@ async fn every_metric_moves_by_exactly_what_happened() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
-    drop(drainee);
+    keepalive.abort();
+    drop(drain_stream);
 
     // One log line per open and per close, with the reason.
     let lines = log_lines(&d.log);
