@@ -99,6 +99,8 @@ pub struct Metrics {
     pub tls_cert_not_after: Gauge,
     /// wsbroker_connections_max (server.max_connections)
     pub connections_max: Gauge,
+    /// wsbroker_accept_errors_total (accept(2) failed, e.g. EMFILE)
+    pub accept_errors: Counter,
 }
 
 impl Metrics {
@@ -184,6 +186,7 @@ fn install() -> Installed {
         delivery_latency: metrics::histogram!("wsbroker_delivery_latency_seconds"),
         tls_cert_not_after: metrics::gauge!("wsbroker_tls_cert_not_after_seconds"),
         connections_max: metrics::gauge!("wsbroker_connections_max"),
+        accept_errors: metrics::counter!("wsbroker_accept_errors_total"),
     };
     // Touch every series so a scrape shows zeros from the start.
     for c in metrics.closed.iter().chain(metrics.rejected.iter()) {
@@ -197,6 +200,7 @@ fn install() -> Installed {
         &metrics.dropped_queue_full,
         &metrics.bytes_received,
         &metrics.bytes_sent,
+        &metrics.accept_errors,
     ] {
         c.increment(0);
     }
@@ -287,6 +291,10 @@ fn describe() {
     describe_gauge!(
         "wsbroker_connections_max",
         "The server.max_connections limit."
+    );
+    describe_counter!(
+        "wsbroker_accept_errors_total",
+        "accept(2) failures on the wss listeners (EMFILE, ENFILE, ENOBUFS, ...)."
     );
 }
 

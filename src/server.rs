@@ -392,6 +392,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the
                 // pending connection stays in the backlog until fds free up.
+                shared.metrics.accept_errors.increment(1);
                 if let Some(suppressed) = shared.accept_log.allow() {
                     warn!(error = %e, suppressed, "accept failed");
                 }

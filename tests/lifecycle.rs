@@ -957,4 +957,11 @@ async fn fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
         }
     };
     subscribe(&mut ws, "back", 1).await;
+    // Every failed accept was counted.
+    let m = d.http("/metrics").await;
+    let failed = gauge(&m, "wsbroker_accept_errors_total");
+    assert!(
+        failed >= warned.max(1) as f64,
+        "accept_errors_total {failed}, {warned} warning lines (rate-limited)"
+    );
 }

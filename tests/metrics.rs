@@ -555,6 +555,7 @@ async fn every_metric_moves_by_exactly_what_happened() {
         "{m0}"
     );
     assert_eq!(metric(&m0, "wsbroker_connections_max"), 1000.0);
+    assert_eq!(metric(&m0, "wsbroker_accept_errors_total"), 0.0);
     let tally = Arc::new(Tally::default());
     // Text bytes read outside the Client tasks (acks of the raw clients).
     let mut raw_read_bytes = 0u64;
@@ -859,7 +860,11 @@ async fn every_metric_moves_by_exactly_what_happened() {
     // close reaches it on a slow machine.
     let (mut drain_sink, drain_stream) = d.ws(false).await.split();
     let keepalive = tokio::spawn(async move {
-        while drain_sink.send(Message::Ping(Vec::new().into())).await.is_ok() {
+        while drain_sink
+            .send(Message::Ping(Vec::new().into()))
+            .await
+            .is_ok()
+        {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
