@@ -24,12 +24,12 @@ use crate::broker::{Broker, Subscriber};
 use crate::config::ConnectionSettings;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, Command, ErrorCode};
-use crate::queue::{CloseRequest, Outbox, QueueLimits, Queued};
+use crate::queue::{CloseRequest, Flag, Outbox, QueueLimits, Queued};
 
 /// WebSocket read buffer per connection: enough for typical commands without
 /// the 128 KiB library default (and its per-read memset). Larger messages
 /// grow it on demand; this is what every idle connection pays.
-pub const READ_BUFFER: usize = 1024;
+pub const READ_BUFFER: usize = 512;
 /// Frames of a batch are gathered into writes of about this size: one TLS
 /// record each, so a busy connection pays one record per 16 KiB, not per frame.
 pub const WRITE_CHUNK: usize = 16 * 1024;
@@ -113,6 +113,14 @@ pub struct Context {
     pub max_message_size: usize,
 }
 
+/// What a connection's reader and writer share: the context and the two
+/// signals between them (the reader has finished; the reader must stop).
+struct Conn {
+    ctx: Context,
+    reader_done: Flag,
+    stop_reader: Flag,
+}
+
 fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRequest {
     CloseRequest {
         code,
@@ -128,25 +136,42 @@ const PEER_CLOSED: u16 = 0;
 /// writer is a task of its own, so a publish wakes only the writers (never
 /// the readers) of the subscribers.
 ///
+/// `guard` (the server's connection-limit slot) is dropped when the
+/// connection ends. Spawn the returned future itself rather than awaiting it
+/// inside another async block: that block would store the ~1 KiB future
+/// twice (once captured, once being awaited), costing ~1.2 KiB per idle
+/// connection.
+///
 /// Not an `async fn`: the stream is split (moved to the heap) before the
 /// future is built, so the long-lived future does not reserve room for it.
-pub fn run<S>(stream: S, leftover: Vec<u8>, ctx: Context) -> impl std::future::Future<Output = ()>
+pub fn run<S, G>(
+    stream: S,
+    leftover: Vec<u8>,
+    ctx: Context,
+    guard: G,
+) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    G: Send + 'static,
 {
     let span = tracing::info_span!("conn", id = ctx.id, peer = %ctx.peer);
-    let ctx = Arc::new(ctx);
+    let conn = Arc::new(Conn {
+        ctx,
+        reader_done: Flag::default(),
+        stop_reader: Flag::default(),
+    });
     let (rd, mut wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(QueueLimits {
-        capacity: ctx.settings.queue_capacity,
-        max_bytes: ctx.settings.queue_max_bytes,
-        overflow: ctx.settings.overflow,
+        capacity: conn.ctx.settings.queue_capacity,
+        max_bytes: conn.ctx.settings.queue_max_bytes,
+        overflow: conn.ctx.settings.overflow,
     }));
     let side = ReadSide {
         rd,
         outbox: outbox.clone(),
     };
     async move {
+        let ctx = &conn.ctx;
         let config = ws_config(ctx.max_message_size);
         let mut ws = if leftover.is_empty() {
             WebSocketStream::from_raw_socket(side, Role::Server, Some(config)).await
@@ -168,17 +193,12 @@ where
             // Upgraded while the drain was starting: it may have missed us.
             outbox.close(crate::queue::CloseRequest::shutdown());
         }
-        let reader_done = CancellationToken::new();
-        let stop_reader = CancellationToken::new();
         let writer = {
-            let ctx = ctx.clone();
-            let reader_done = reader_done.clone();
-            let stop_reader = stop_reader.clone();
+            let conn = conn.clone();
             tokio::spawn(
                 async move {
-                    let reason =
-                        write_loop(&mut wr, &ctx, &outbox, &reader_done, &stop_reader).await;
-                    stop_reader.cancel();
+                    let reason = write_loop(&mut wr, &conn, &outbox).await;
+                    conn.stop_reader.set();
                     if !outbox.is_aborted() {
                         // close_notify, so TLS clients see a clean end of stream.
                         let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
@@ -189,8 +209,8 @@ where
             )
         };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
-        read_loop(&mut ws, &ctx, &sub, &mut patterns, &stop_reader).await;
-        reader_done.cancel();
+        read_loop(&mut ws, ctx, &sub, &mut patterns, &conn.stop_reader).await;
+        conn.reader_done.set();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
         ctx.broker.deregister(ctx.id);
@@ -198,6 +218,7 @@ where
         m.connections_active.decrement(1.0);
         m.closed(reason).increment(1);
         info!(reason = reason.as_str(), "connection closed");
+        drop(guard);
     }
     .instrument(span)
 }
@@ -264,7 +285,7 @@ async fn read_loop<S>(
     ctx: &Context,
     sub: &Arc<Subscriber>,
     patterns: &mut HashSet<Box<str>>,
-    stop: &CancellationToken,
+    stop: &Flag,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -276,7 +297,7 @@ async fn read_loop<S>(
     loop {
         let next = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.wait() => return,
             _ = &mut idle, if !outbox.is_closing() => {
                 debug!("idle timeout");
                 outbox.close(close_request(1001, "idle timeout", CloseReason::IdleTimeout));
@@ -486,16 +507,11 @@ async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io
     wr.flush().await
 }
 
-async fn write_loop<W>(
-    wr: &mut W,
-    ctx: &Context,
-    outbox: &Outbox,
-    reader_done: &CancellationToken,
-    stop_reader: &CancellationToken,
-) -> CloseReason
+async fn write_loop<W>(wr: &mut W, conn: &Conn, outbox: &Outbox) -> CloseReason
 where
     W: AsyncWrite + Unpin,
 {
+    let ctx = &conn.ctx;
     let m = ctx.metrics;
     let mut batch: VecDeque<Queued> = VecDeque::new();
     let mut buf: Vec<u8> = Vec::new();
@@ -503,7 +519,6 @@ where
     let ping_every = ctx.settings.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let closing = outbox.closing_token();
     let request = loop {
         tokio::select! {
             biased;
@@ -519,7 +534,7 @@ where
                 let written = tokio::select! {
                     biased;
                     r = write_batch(wr, &mut batch, &mut buf, m) => r,
-                    _ = closing.cancelled() => Ok(()),
+                    _ = outbox.closing() => Ok(()),
                 };
                 batch.clear();
                 if let Err(e) = written {
@@ -531,7 +546,7 @@ where
                 let sent = tokio::select! {
                     biased;
                     r = write_frame(wr, &ping_bytes) => r,
-                    _ = closing.cancelled() => Ok(()),
+                    _ = outbox.closing() => Ok(()),
                 };
                 if let Err(e) = sent {
                     debug!(error = %e, "ping failed");
@@ -542,7 +557,7 @@ where
     };
     if outbox.is_aborted() {
         // The shutdown grace is over: no goodbyes.
-        stop_reader.cancel();
+        conn.stop_reader.set();
         return request.label;
     }
     // Replies and control frames (the echo of a client's close among them)
@@ -555,8 +570,46 @@ where
         let frame = protocol::close_frame(request.code, request.reason);
         let _ = timeout(CLOSE_WAIT, write_frame(wr, &frame)).await;
         // Give the peer a moment to answer the close, then cut.
-        let _ = timeout(CLOSE_WAIT, reader_done.cancelled()).await;
+        let _ = timeout(CLOSE_WAIT, conn.reader_done.wait()).await;
     }
-    stop_reader.cancel();
+    conn.stop_reader.set();
     request.label
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LoadOptions, Settings};
+
+    fn context() -> Context {
+        let settings = Settings::load(&LoadOptions {
+            path: None,
+            dev: true,
+            env: Some(Default::default()),
+        })
+        .expect("dev settings");
+        let metrics = crate::metrics::metrics();
+        Context {
+            id: 1,
+            peer: "127.0.0.1:1".parse().expect("addr"),
+            broker: Arc::new(Broker::new(metrics)),
+            settings: Arc::new(settings.connection.clone()),
+            metrics,
+            drain: CancellationToken::new(),
+            max_message_size: settings.server.max_message_size,
+        }
+    }
+
+    /// Every idle connection pays for this future in its task: it is the
+    /// largest part of the per-connection budget (docs/benchmarks.md, idle
+    /// memory) after rustls' own buffers. A future that grows past this
+    /// (say, by awaiting a big sub-future captured by value) fails here
+    /// rather than in a benchmark nobody reruns.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let (stream, _peer) = tokio::io::duplex(64);
+        let fut = run(stream, Vec::new(), context(), ());
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1400, "connection future is {size} bytes");
+    }
 }

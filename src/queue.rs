@@ -8,14 +8,50 @@
 //! (a client that floods requests without reading only slows itself).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Overflow;
+
+/// A one-way latch: set once, awaited by any number of tasks. Unlike a
+/// `CancellationToken` it needs no allocation of its own, which matters at
+/// three per connection.
+#[derive(Default)]
+pub struct Flag {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Flag {
+    /// Sets the flag and wakes every waiter.
+    pub fn set(&self) {
+        if !self.set.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// True once set.
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Completes once the flag is set.
+    pub async fn wait(&self) {
+        loop {
+            // Created before the check: notify_waiters reaches a Notified
+            // from its creation on, so a set() in between is not missed.
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
 
 /// Replies pending before the reader waits for the writer.
 pub const MAX_PENDING_REPLIES: usize = 256;
@@ -96,8 +132,8 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     writer: Notify,
     reply_space: Notify,
-    closing: CancellationToken,
-    aborted: std::sync::atomic::AtomicBool,
+    closing: Flag,
+    aborted: AtomicBool,
     limits: QueueLimits,
 }
 
@@ -119,8 +155,8 @@ impl Outbox {
             inner: Mutex::new(Inner::default()),
             writer: Notify::new(),
             reply_space: Notify::new(),
-            closing: CancellationToken::new(),
-            aborted: std::sync::atomic::AtomicBool::new(false),
+            closing: Flag::default(),
+            aborted: AtomicBool::new(false),
             limits,
         }
     }
@@ -149,7 +185,7 @@ impl Outbox {
                         reason: "slow consumer",
                         label: crate::metrics::CloseReason::SlowConsumer,
                     });
-                    self.closing.cancel();
+                    self.closing.set();
                     // The queued data will never be written: free it now.
                     inner.queue.retain(|q| q.reply);
                     inner.data_len = 0;
@@ -282,7 +318,7 @@ impl Outbox {
         let mut inner = self.inner.lock();
         if inner.close.is_none() {
             inner.close = Some(request);
-            self.closing.cancel();
+            self.closing.set();
         }
         drop(inner);
         self.writer.notify_one();
@@ -291,25 +327,24 @@ impl Outbox {
 
     /// Ends the connection without a close handshake (shutdown grace over).
     pub fn abort(&self) {
-        self.aborted
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.aborted.store(true, Ordering::Release);
         self.close(CloseRequest::shutdown());
-        self.closing.cancel();
+        self.closing.set();
     }
 
     /// True after [`Outbox::abort`].
     pub fn is_aborted(&self) -> bool {
-        self.aborted.load(std::sync::atomic::Ordering::Acquire)
+        self.aborted.load(Ordering::Acquire)
     }
 
     /// True once a close was requested.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.closing.is_set()
     }
 
-    /// Cancelled once a close was requested (interrupts a stuck write).
-    pub fn closing_token(&self) -> CancellationToken {
-        self.closing.clone()
+    /// Completes once a close was requested (interrupts a stuck write).
+    pub async fn closing(&self) {
+        self.closing.wait().await
     }
 
     /// Current occupancy.
@@ -326,6 +361,48 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn flag_wakes_waiters_set_before_or_after_they_wait() {
+        let flag = std::sync::Arc::new(Flag::default());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let f = flag.clone();
+                tokio::spawn(async move { f.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!flag.is_set());
+        flag.set();
+        flag.set(); // idempotent
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .expect("woken")
+                .expect("joined");
+        }
+        // Already set: returns at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), flag.wait())
+            .await
+            .expect("immediate");
+    }
+
+    #[tokio::test]
+    async fn close_completes_closing() {
+        let o = std::sync::Arc::new(outbox(4, 1024, Overflow::DropOldest));
+        let waiter = {
+            let o = o.clone();
+            tokio::spawn(async move { o.closing().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!o.is_closing());
+        o.close(CloseRequest::shutdown());
+        assert!(o.is_closing());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+    }
 
     fn frame(s: &str) -> Bytes {
         Bytes::from(s.to_string())

@@ -413,14 +413,12 @@ fn reject(shared: &Shared, peer: SocketAddr, label: RejectReason, reason: &str) 
 /// One accepted socket: the handshake, then the connection as a task of its
 /// own. Two tasks, so the long-lived one is allocated at the size of the
 /// connection's future alone, not of the handshake's (TLS accept, request
-/// buffer, the stream before the split).
+/// buffer, the stream before the split). The slot goes with the connection.
 async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: Arc<Shared>) {
     if let Some((tls, leftover, ctx)) = upgrade(tcp, peer, id, &slot, &shared).await {
-        let conn = crate::connection::run(tls, leftover, ctx);
-        shared.tracker.spawn(async move {
-            conn.await;
-            drop(slot);
-        });
+        shared
+            .tracker
+            .spawn(crate::connection::run(tls, leftover, ctx, slot));
     }
 }
 
