@@ -204,8 +204,7 @@ where
                         let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
                     }
                     reason
-                }
-                .in_current_span(),
+                },
             )
         };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
@@ -538,7 +537,9 @@ where
                 };
                 batch.clear();
                 if let Err(e) = written {
-                    debug!(error = %e, "write failed");
+                    // No span on the writer task (entering one on every poll
+                    // cost ~1.5% of fan-out CPU): name the connection here.
+                    debug!(id = ctx.id, peer = %ctx.peer, error = %e, "write failed");
                     outbox.close(close_request(PEER_CLOSED, "", CloseReason::Error));
                 }
             }
@@ -549,7 +550,7 @@ where
                     _ = outbox.closing() => Ok(()),
                 };
                 if let Err(e) = sent {
-                    debug!(error = %e, "ping failed");
+                    debug!(id = ctx.id, peer = %ctx.peer, error = %e, "ping failed");
                     outbox.close(close_request(PEER_CLOSED, "", CloseReason::Error));
                 }
             }
