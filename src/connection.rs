@@ -195,17 +195,15 @@ where
         }
         let writer = {
             let conn = conn.clone();
-            tokio::spawn(
-                async move {
-                    let reason = write_loop(&mut wr, &conn, &outbox).await;
-                    conn.stop_reader.set();
-                    if !outbox.is_aborted() {
-                        // close_notify, so TLS clients see a clean end of stream.
-                        let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
-                    }
-                    reason
-                },
-            )
+            tokio::spawn(async move {
+                let reason = write_loop(&mut wr, &conn, &outbox).await;
+                conn.stop_reader.set();
+                if !outbox.is_aborted() {
+                    // close_notify, so TLS clients see a clean end of stream.
+                    let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
+                }
+                reason
+            })
         };
         let mut patterns: HashSet<Box<str>> = HashSet::new();
         read_loop(&mut ws, ctx, &sub, &mut patterns, &conn.stop_reader).await;
@@ -412,9 +410,18 @@ async fn handle_text(
         )),
         Ok(Command::Publish { topic, data, id }) => {
             let frame = protocol::message_frame(&topic, data.get());
+            // The ack is queued first, so a publisher subscribed to its own
+            // topic reads the answer to its request before the message (as
+            // NATS' verbose +OK). Nothing can fail between the two: the
+            // fan-out below never waits.
+            if let Some(id) = id {
+                if !reply(outbox, protocol::encode_ack(id)).await {
+                    return false;
+                }
+            }
             ctx.broker.publish(&topic, &frame);
             ctx.metrics.published_ws.increment(1);
-            id.map(protocol::encode_ack)
+            None
         }
         Ok(Command::Subscribe { topic, id }) => {
             if patterns.contains(topic.as_ref()) {

@@ -122,6 +122,13 @@ struct RawCommand<'a> {
     id: Option<&'a RawValue>,
 }
 
+/// Just the `id` of a command that failed to parse as a whole.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
 /// `Some` whenever the field is present, `null` included (serde would read
 /// a null into an `Option` as absent).
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -175,10 +182,23 @@ fn valid_id(id: Option<&RawValue>) -> bool {
 
 /// Parses one text frame into a command, or the error to answer with.
 pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
-    let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| Rejection {
-        id: None,
-        code: ErrorCode::BadRequest,
-        message: format!("malformed JSON command: {e}"),
+    let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| {
+        // Well-formed JSON with a mistyped or repeated field still gets its
+        // `id` back (CONTRACT §4), read on its own from the same text.
+        let id = serde_json::from_str::<IdOnly<'_>>(text)
+            .ok()
+            .and_then(|r| r.id)
+            .filter(|id| valid_id(Some(id)));
+        let what = if e.is_data() {
+            "invalid command"
+        } else {
+            "malformed JSON command"
+        };
+        Rejection {
+            id,
+            code: ErrorCode::BadRequest,
+            message: format!("{what}: {e}"),
+        }
     })?;
     let id = raw.id;
     let bad = |message: String| Rejection {
@@ -393,6 +413,34 @@ mod tests {
         assert!(r.id.is_none());
         let r = parse_command(r#"{"op":"subscribe","op":"publish","topic":"a"}"#).expect_err("dup");
         assert!(r.message.contains("duplicate"));
+        // Mistyped or repeated fields in well-formed JSON keep the id,
+        // wherever it sits.
+        for (text, id) in [
+            (r#"{"op":"subscribe","topic":5,"id":27}"#, "27"),
+            (r#"{"id":35,"op":"subscribe","topic":5}"#, "35"),
+            (r#"{"op":5,"topic":"a","id":"x"}"#, r#""x""#),
+            (r#"{"op":"subscribe","topic":["a"],"id":1.5}"#, "1.5"),
+            (
+                r#"{"op":"subscribe","op":"publish","topic":"a","id":3}"#,
+                "3",
+            ),
+        ] {
+            let r = parse_command(text).expect_err(text);
+            assert_eq!(r.code, ErrorCode::BadRequest, "{text}");
+            assert_eq!(r.id.map(|i| i.get()), Some(id), "{text}");
+        }
+        let r = parse_command(r#"{"op":"subscribe","topic":5,"id":27}"#).expect_err("type");
+        assert!(r.message.starts_with("invalid command: "), "{}", r.message);
+        // Unusable ids are still left out.
+        for text in [
+            r#"{"op":5,"id":null}"#,
+            r#"{"op":5,"id":[1]}"#,
+            r#"{"op":5,"id":1,"id":2}"#,
+            r#"[1,2]"#,
+            r#"{"op":"subscribe","topic":"a","id":7"#,
+        ] {
+            assert!(parse_command(text).expect_err(text).id.is_none(), "{text}");
+        }
     }
 
     #[test]
