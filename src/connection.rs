@@ -198,10 +198,8 @@ where
             tokio::spawn(async move {
                 let reason = write_loop(&mut wr, &conn, &outbox).await;
                 conn.stop_reader.set();
-                if !outbox.is_aborted() {
-                    // close_notify, so TLS clients see a clean end of stream.
-                    let _ = timeout(CLOSE_WAIT, wr.shutdown()).await;
-                }
+                // close_notify, so TLS clients see a clean end of stream.
+                goodbye(&outbox, wr.shutdown()).await;
                 reason
             })
         };
@@ -571,17 +569,28 @@ where
     // Replies and control frames (the echo of a client's close among them)
     // still go out first, and on shutdown the queued messages too.
     if !batch.is_empty() {
-        let _ = timeout(CLOSE_WAIT, write_batch(wr, &mut batch, &mut buf, m)).await;
+        goodbye(outbox, write_batch(wr, &mut batch, &mut buf, m)).await;
     }
     batch.clear();
     if request.code != PEER_CLOSED {
         let frame = protocol::close_frame(request.code, request.reason);
-        let _ = timeout(CLOSE_WAIT, write_frame(wr, &frame)).await;
+        goodbye(outbox, write_frame(wr, &frame)).await;
         // Give the peer a moment to answer the close, then cut.
-        let _ = timeout(CLOSE_WAIT, conn.reader_done.wait()).await;
+        goodbye(outbox, conn.reader_done.wait()).await;
     }
     conn.stop_reader.set();
     request.label
+}
+
+/// One step of a connection's goodbye, bounded by [`CLOSE_WAIT`] and cut
+/// short when the shutdown grace ends ([`Outbox::abort`]), so the daemon
+/// exits within `shutdown_grace` even when peers never answer.
+async fn goodbye<F: std::future::Future>(outbox: &Outbox, step: F) {
+    tokio::select! {
+        biased;
+        _ = timeout(CLOSE_WAIT, step) => {}
+        _ = outbox.aborted() => {}
+    }
 }
 
 #[cfg(test)]

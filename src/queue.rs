@@ -133,7 +133,7 @@ pub struct Outbox {
     writer: Notify,
     reply_space: Notify,
     closing: Flag,
-    aborted: AtomicBool,
+    aborted: Flag,
     limits: QueueLimits,
 }
 
@@ -156,7 +156,7 @@ impl Outbox {
             writer: Notify::new(),
             reply_space: Notify::new(),
             closing: Flag::default(),
-            aborted: AtomicBool::new(false),
+            aborted: Flag::default(),
             limits,
         }
     }
@@ -327,14 +327,20 @@ impl Outbox {
 
     /// Ends the connection without a close handshake (shutdown grace over).
     pub fn abort(&self) {
-        self.aborted.store(true, Ordering::Release);
+        self.aborted.set();
         self.close(CloseRequest::shutdown());
         self.closing.set();
     }
 
     /// True after [`Outbox::abort`].
     pub fn is_aborted(&self) -> bool {
-        self.aborted.load(Ordering::Acquire)
+        self.aborted.is_set()
+    }
+
+    /// Completes once [`Outbox::abort`] was called: ends the goodbyes (the
+    /// last writes, the wait for a close reply) at the end of the grace.
+    pub async fn aborted(&self) {
+        self.aborted.wait().await
     }
 
     /// True once a close was requested.
