@@ -161,9 +161,10 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
     let limit = settings.server.max_message_size;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => collected.to_bytes(),
+        // 400, not 413: CONTRACT §6 answers every bad body with 400.
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::BAD_REQUEST,
                 &format!("body larger than server.max_message_size ({limit} bytes)"),
             )
         }

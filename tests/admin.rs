@@ -247,8 +247,9 @@ async fn publish_refusals_say_why() {
     // Larger than server.max_message_size (1024 here).
     let big = format!(r#"{{"topic":"a.b","data":"{}"}}"#, "x".repeat(1100));
     let r = publish(&srv, Some(&bearer()), &big).await;
-    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("1024"), "{}", r.body);
+    assert!(r.body.contains("max_message_size"), "{}", r.body);
     // Right at the limit is fine.
     let pad = 1024 - r#"{"topic":"a.b","data":""}"#.len();
     let exact = format!(r#"{{"topic":"a.b","data":"{}"}}"#, "x".repeat(pad));
