@@ -71,8 +71,9 @@ pub enum ClientError {
         /// Why it is unusable.
         reason: String,
     },
-    /// Neither `--ca` nor `--insecure` was given, so nothing can be trusted.
-    #[error("no trusted certificate: pass --ca FILE (the server's certificate or CA in PEM, e.g. ./wsbroker-dev-cert.pem) or --insecure")]
+    /// Neither `--ca` nor `--insecure` was given and the system trust store
+    /// has no usable certificate.
+    #[error("no trusted certificate: the system trust store (SSL_CERT_FILE, SSL_CERT_DIR or the OS store) has none; pass --ca FILE (the server's certificate or CA in PEM, e.g. ./wsbroker-dev-cert.pem) or --insecure")]
     NoTrust,
     /// The `--ca` file could not be used.
     #[error("--ca {}: {reason}", path.display())]
@@ -181,7 +182,8 @@ fn body_suffix(body: &str) -> String {
     }
 }
 
-/// Builds the rustls client configuration from `--ca` / `--insecure`.
+/// Builds the rustls client configuration from `--ca` / `--insecure`, else
+/// from the system trust store.
 pub fn tls_config(opts: &ClientOptions) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -210,7 +212,15 @@ pub fn tls_config(opts: &ClientOptions) -> Result<Arc<rustls::ClientConfig>, Cli
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
-        return Err(ClientError::NoTrust);
+        // A broker with a publicly trusted certificate needs no flag. The
+        // store honours SSL_CERT_FILE / SSL_CERT_DIR, like OpenSSL.
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _unusable) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(ClientError::NoTrust);
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -838,15 +848,6 @@ mod tests {
         assert!(parse_wss_url("https://localhost/ws").is_err());
         assert!(parse_wss_url("wss://:80/ws").is_err());
         assert!(parse_wss_url("wss://h:99999/ws").is_err());
-    }
-
-    #[test]
-    fn no_trust_without_ca_or_insecure() {
-        let opts = ClientOptions {
-            url: "wss://localhost:8443/ws".into(),
-            ..Default::default()
-        };
-        assert!(matches!(tls_config(&opts), Err(ClientError::NoTrust)));
     }
 
     #[test]

@@ -212,12 +212,47 @@ fn failures_exit_non_zero_with_the_reason() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Without --ca or --insecure there is nothing to trust: say so.
-    let out = run(
-        dir.path(),
-        &["pub", "--url", &url, "--topic", "t", "--data", "1"],
+    // Without --ca or --insecure the system trust store is used; the
+    // self-signed dev certificate is not in it: a TLS failure, exit 1.
+    let stranger = rcgen::generate_simple_self_signed(vec!["other.example".to_string()])
+        .expect("unrelated certificate");
+    let store = dir.path().join("store.pem");
+    std::fs::write(&store, stranger.cert.pem()).expect("store");
+    let out = Command::new(BIN)
+        .args(["pub", "--url", &url, "--origin", "http://localhost:1"])
+        .args(["--topic", "t", "--data", "1"])
+        .current_dir(dir.path())
+        .env("SSL_CERT_FILE", &store)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .expect("run wsbroker");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+    // A store holding the dev certificate (SSL_CERT_FILE, as with OpenSSL)
+    // is trusted without any flag.
+    let out = Command::new(BIN)
+        .args(["pub", "--url", &url, "--origin", "http://localhost:1"])
+        .args(["--topic", "t", "--data", "1"])
+        .current_dir(dir.path())
+        .env("SSL_CERT_FILE", dir.path().join("wsbroker-dev-cert.pem"))
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .expect("run wsbroker");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!out.status.success());
+    // An empty store: nothing to trust, say what to pass (usage, exit 2).
+    let out = Command::new(BIN)
+        .args(["pub", "--url", &url, "--topic", "t", "--data", "1"])
+        .current_dir(dir.path())
+        .env("SSL_CERT_FILE", dir.path().join("no-such-store.pem"))
+        .env("SSL_CERT_DIR", dir.path().join("no-such-dir"))
+        .output()
+        .expect("run wsbroker");
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--ca") && err.contains("--insecure"), "{err}");
 
