@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{sleep, timeout, Instant};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -313,6 +313,15 @@ async fn read_loop<S>(
                         close_request(1009, "message too big", CloseReason::Error)
                     }
                     WsError::Capacity(_) => close_request(1009, "too big", CloseReason::Error),
+                    // The client went away without a close frame (FIN, TLS
+                    // close_notify or RST): it left; nobody is there to
+                    // read a 1002.
+                    WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                        close_request(PEER_CLOSED, "", CloseReason::Client)
+                    }
+                    WsError::Io(e) if peer_went_away(e) => {
+                        close_request(PEER_CLOSED, "", CloseReason::Client)
+                    }
                     WsError::Protocol(_) => {
                         close_request(1002, "protocol error", CloseReason::Error)
                     }
@@ -390,6 +399,15 @@ async fn read_loop<S>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {}
         }
     }
+}
+
+/// Read errors that mean the peer closed or dropped the connection.
+fn peer_went_away(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// Handles one command; false when the connection is closing.

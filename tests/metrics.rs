@@ -932,3 +932,53 @@ async fn every_metric_moves_by_exactly_what_happened() {
     assert_eq!(closed, expected, "connection closed lines by reason");
     let _ = &d.dir;
 }
+
+/// A client that leaves without a close frame (TCP FIN, TLS close_notify, or
+/// a reset) is counted as `client`, like one that closes cleanly; `error` is
+/// for protocol violations and failures on our side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_vanish_are_counted_as_client_closes() {
+    let d = start_daemon().await;
+    let m0 = d.scrape().await;
+    let before = counters(&m0);
+
+    // Clean close handshake.
+    let mut clean = d.ws(false).await;
+    clean.close(None).await.expect("close");
+    // FIN without a WebSocket close (no TLS close_notify either).
+    let fin = d.ws(false).await;
+    // TLS close_notify, then FIN, without a WebSocket close.
+    let mut notify = d.ws(false).await;
+    // RST: linger 0 turns the close into a reset.
+    let rst = d.ws(false).await;
+    wait_metrics(&d, "four connected", |m| {
+        metric(m, "wsbroker_connections_active") >= 3.0
+    })
+    .await;
+    drop(fin);
+    tokio::io::AsyncWriteExt::shutdown(notify.get_mut())
+        .await
+        .expect("close_notify");
+    rst.get_ref()
+        .get_ref()
+        .0
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(rst);
+
+    let m1 = wait_metrics(&d, "everyone gone", |m| gauges_are(m, 0.0, 0.0, 0.0)).await;
+    drop(notify);
+    let after = counters(&m1);
+    let delta = |k: &str| after[k] - before[k];
+    assert_eq!(delta("wsbroker_connections_opened_total"), 4.0);
+    assert_eq!(
+        delta(r#"wsbroker_connections_closed_total{reason="client"}"#),
+        4.0,
+        "{m1}"
+    );
+    assert_eq!(
+        delta(r#"wsbroker_connections_closed_total{reason="error"}"#),
+        0.0,
+        "{m1}"
+    );
+}
