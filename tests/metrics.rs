@@ -959,11 +959,7 @@ async fn clients_that_vanish_are_counted_as_client_closes() {
     tokio::io::AsyncWriteExt::shutdown(notify.get_mut())
         .await
         .expect("close_notify");
-    rst.get_ref()
-        .get_ref()
-        .0
-        .set_linger(Some(Duration::ZERO))
-        .expect("linger");
+    rst.get_ref().get_ref().0.set_zero_linger().expect("linger");
     drop(rst);
 
     let m1 = wait_metrics(&d, "everyone gone", |m| gauges_are(m, 0.0, 0.0, 0.0)).await;
