@@ -951,8 +951,9 @@ async fn clients_that_vanish_are_counted_as_client_closes() {
     let mut notify = d.ws(false).await;
     // RST: linger 0 turns the close into a reset.
     let rst = d.ws(false).await;
-    wait_metrics(&d, "four connected", |m| {
-        metric(m, "wsbroker_connections_active") >= 3.0
+    let opened0 = before["wsbroker_connections_opened_total"];
+    wait_metrics(&d, "four opened", |m| {
+        metric(m, "wsbroker_connections_opened_total") - opened0 == 4.0
     })
     .await;
     drop(fin);
