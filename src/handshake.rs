@@ -154,7 +154,8 @@ pub fn evaluate(
             "this endpoint only speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
         );
         r.headers.push(("Upgrade", "websocket".into()));
-        r.headers.push(("Connection", "Upgrade".into()));
+        // One Connection header: the upgrade offer, and we close after it.
+        r.headers.push(("Connection", "Upgrade, close".into()));
         return Err(r);
     }
     if host != 1 {
@@ -300,11 +301,14 @@ pub async fn respond<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let body = format!("{}\n", refusal.reason);
     let mut head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
         refusal.status,
         status_text(refusal.status),
         body.len()
     );
+    if !refusal.headers.iter().any(|(name, _)| *name == "Connection") {
+        head.push_str("Connection: close\r\n");
+    }
     for (name, value) in &refusal.headers {
         head.push_str(name);
         head.push_str(": ");

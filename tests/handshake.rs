@@ -37,6 +37,11 @@ async fn non_upgrade_requests_are_refused_with_a_reason() {
         .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
+    // RFC 9110: a 426 names the protocol to switch to; one Connection header.
+    let head = resp.split("\r\n\r\n").next().unwrap_or("").to_lowercase();
+    assert!(head.contains("\r\nupgrade: websocket"), "{resp}");
+    assert_eq!(head.matches("\r\nconnection:").count(), 1, "{resp}");
+    assert!(head.contains("\r\nconnection: upgrade, close"), "{resp}");
     let resp = srv
         .raw_http("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://app.example.com\r\n\r\n")
         .await;
