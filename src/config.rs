@@ -157,6 +157,31 @@ pub struct LoadOptions {
     pub env: Option<HashMap<String, String>>,
 }
 
+/// A parse error as one line (`config: FILE: TOML parse error at line 1,
+/// column 8: unclosed table, expected ]`): the TOML parser's message spans
+/// several lines with a source excerpt, and check-config promises one line
+/// per problem.
+fn one_line_error(message: &str, path: Option<&Path>) -> String {
+    let parts: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            // Drop the excerpt (`1 | [server`, `|   ^`) and the crate's own
+            // relative-path suffix when the path is known.
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l
+                    .split_once(" |")
+                    .is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok())
+                && !(path.is_some() && l.starts_with("in "))
+        })
+        .collect();
+    match path {
+        Some(p) => format!("config: {}: {}", p.display(), parts.join(": ")),
+        None => format!("config: {}", parts.join(": ")),
+    }
+}
+
 /// Every key the file may contain, by section.
 const KNOWN: &[(&str, &[&str])] = &[
     (
@@ -240,13 +265,13 @@ impl Settings {
         if let Some(map) = &opts.env {
             env = env.source(Some(map.clone()));
         }
-        let cfg = builder
-            .add_source(env)
-            .build()
-            .map_err(|e| ConfigErrors(vec![format!("config: {e}")]))?;
+        let one_line = |e: config::ConfigError| {
+            ConfigErrors(vec![one_line_error(&e.to_string(), opts.path.as_deref())])
+        };
+        let cfg = builder.add_source(env).build().map_err(one_line)?;
         let root = cfg
             .try_deserialize::<Map<String, Value>>()
-            .map_err(|e| ConfigErrors(vec![format!("config: {e}")]))?;
+            .map_err(one_line)?;
         from_tree(root, opts.dev, check_files)
     }
 
@@ -594,8 +619,8 @@ fn from_tree(
         let default_allow: &[&str] = if dev { DEV_ORIGINS } else { &[] };
         let allow = s.strings("allow", default_allow);
         let allow_missing = s.bool("allow_missing", false);
-        if let Err(e) = crate::origin::OriginPolicy::new(&allow, allow_missing) {
-            // The error already names the entry (`origins.allow[i]: …`).
+        // Each error already names its entry (`origins.allow[i]: …`).
+        for e in crate::origin::OriginPolicy::problems(&allow) {
             s.errors.push(e.to_string());
         }
         s.finish();

@@ -306,7 +306,11 @@ pub async fn respond<S: AsyncWrite + Unpin>(
         status_text(refusal.status),
         body.len()
     );
-    if !refusal.headers.iter().any(|(name, _)| *name == "Connection") {
+    if !refusal
+        .headers
+        .iter()
+        .any(|(name, _)| *name == "Connection")
+    {
         head.push_str("Connection: close\r\n");
     }
     for (name, value) in &refusal.headers {

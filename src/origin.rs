@@ -462,6 +462,21 @@ impl OriginPolicy {
         })
     }
 
+    /// Every bad entry of `origins.allow`, each named by index (check-config
+    /// reports them all at once).
+    pub fn problems(allow: &[String]) -> Vec<OriginError> {
+        allow
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| {
+                OriginPattern::parse(s).err().map(|e| OriginError::Entry {
+                    index,
+                    error: Box::new(e),
+                })
+            })
+            .collect()
+    }
+
     /// Decides on an upgrade request given its `Origin` header, if any.
     pub fn check(&self, origin: Option<&str>) -> Result<(), OriginDenied> {
         let Some(raw) = origin else {

@@ -719,6 +719,14 @@ fn check_config_exit_codes_and_one_line_per_problem() {
             "connection.idle_timeout: ".to_string(),
         ),
         (
+            "not TOML",
+            "[server\nlisten = 1\n".to_string(),
+            format!(
+                "config: {}: TOML parse error at line 1",
+                cert.dir.path().join("bad.toml").display()
+            ),
+        ),
+        (
             "missing cert",
             config_text(&missing, &cert.key_path, &[ORIGIN], "", ""),
             format!("tls.cert: file not found: {}", missing.display()),
@@ -756,11 +764,13 @@ fn check_config_reports_every_problem_at_once() {
         "server.listne: unknown key".to_string(),
         "connection.idle_timeout: ".to_string(),
         format!("tls.cert: file not found: {}", missing.display()),
+        "origins.allow[0]: ".to_string(),
+        "origins.allow[2]: ".to_string(),
     ];
     let all = config_text(
         &missing,
         &cert.key_path,
-        &[ORIGIN],
+        &["x", ORIGIN, "https://a.com/p"],
         "listne = \"x\"",
         "idle_timeout = \"10 parsecs\"",
     );
@@ -774,7 +784,7 @@ fn check_config_reports_every_problem_at_once() {
             "{e:?} not reported when combined with other problems:\n{err}"
         );
     }
-    assert_eq!(err.lines().count(), 3, "{err}");
+    assert_eq!(err.lines().count(), 5, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
