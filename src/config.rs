@@ -168,12 +168,11 @@ fn one_line_error(message: &str, path: Option<&Path>) -> String {
         .filter(|l| {
             // Drop the excerpt (`1 | [server`, `|   ^`) and the crate's own
             // relative-path suffix when the path is known.
-            !l.is_empty()
-                && !l.starts_with('|')
-                && !l
-                    .split_once(" |")
-                    .is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok())
-                && !(path.is_some() && l.starts_with("in "))
+            let excerpt = l.starts_with('|')
+                || l.split_once(" |")
+                    .is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok());
+            let suffix = path.is_some() && l.starts_with("in ");
+            !(l.is_empty() || excerpt || suffix)
         })
         .collect();
     match path {
