@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
-use crate::config::{ConnectionSettings, Settings};
+use crate::config::{AdminSettings, ConnectionSettings, LogSettings, ServerSettings, Settings};
 use crate::handshake::{self, Refusal, Rules};
 use crate::logging::RateLimit;
 use crate::metrics::{Metrics, RejectReason};
@@ -299,23 +299,13 @@ impl RunningServer {
             warn!(error = %e, "log level not changed");
         }
         let old = self.shared.settings.load_full();
-        let mut restart = Vec::new();
-        if old.server != new.server {
-            restart.push("server".to_string());
-        }
-        if old.connection != new.connection {
-            restart.push("connection".to_string());
-        }
-        if old.admin != new.admin {
-            restart.push("admin".to_string());
-        }
-        if old.log.format != new.log.format {
-            restart.push("log.format".to_string());
-        }
+        let restart = needs_restart(&old, &new);
         let mut kept = (*old).clone();
         kept.tls = new.tls;
         kept.origins = new.origins;
         kept.log.level = new.log.level;
+        // Read per request by the admin listener: rotating it needs no restart.
+        kept.admin.publish_token = new.admin.publish_token;
         self.shared.settings.store(Arc::new(kept));
         Ok(restart)
     }
@@ -365,6 +355,29 @@ impl RunningServer {
         }
         self.shared.hard.cancel();
     }
+}
+
+/// The keys that differ between the running and the new settings but only
+/// take effect on a restart, named `section.key`.
+fn needs_restart(old: &Settings, new: &Settings) -> Vec<String> {
+    let mut keys = Vec::new();
+    // The destructuring lists every field without `..`: a key added to a
+    // section does not compile until it is sorted into restart or reloaded.
+    macro_rules! diff {
+        ($ty:ident $section:ident: $($key:ident),* ; reloaded: $($live:ident),*) => {{
+            let $ty { $($key: _,)* $($live: _,)* } = &new.$section;
+            $(if old.$section.$key != new.$section.$key {
+                keys.push(concat!(stringify!($section), ".", stringify!($key)).to_string());
+            })*
+        }};
+    }
+    diff!(ServerSettings server: listen, path, max_connections, max_connections_per_ip,
+        handshake_timeout, max_message_size, shutdown_grace; reloaded:);
+    diff!(ConnectionSettings connection: queue_capacity, queue_max_bytes, overflow,
+        max_subscriptions, max_inbound_rate, ping_interval, idle_timeout; reloaded:);
+    diff!(AdminSettings admin: listen; reloaded: publish_token);
+    diff!(LogSettings log: format; reloaded: level);
+    keys
 }
 
 fn is_fd_exhaustion(e: &std::io::Error) -> bool {

@@ -433,6 +433,16 @@ async fn sighup_reloads_cert_and_origins_without_dropping_clients() {
         Err(e) => panic!("{other} before the reload: expected 403, got {e}"),
         Ok(_) => panic!("{other} accepted before it was allowed"),
     }
+    // The publish token is reloadable too: rotate it in (publishing was off).
+    let post = |token: &'static str| {
+        let body = r#"{"topic":"news","data":0}"#;
+        format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let before = admin_request(d.admin, &post("rotated")).await;
+    assert!(before.starts_with("HTTP/1.1 404"), "{before}");
     std::fs::write(
         &file,
         config_text(
@@ -440,8 +450,9 @@ async fn sighup_reloads_cert_and_origins_without_dropping_clients() {
             &cert.key_path,
             &[ORIGIN, other],
             "max_connections = 5000",
-            "",
-        ),
+            "idle_timeout = \"45s\"",
+        )
+        .replace("[admin]\n", "[admin]\npublish_token = \"rotated\"\n"),
     )
     .expect("config");
     let applied = d.count_lines("reload applied");
@@ -450,13 +461,22 @@ async fn sighup_reloads_cert_and_origins_without_dropping_clients() {
     let mut third = ws_connect(d.wss, &tls, other)
         .await
         .expect("the added origin is accepted after SIGHUP");
-    assert!(
-        d.log_text()
-            .lines()
-            .any(|l| l.contains("needs restart") && l.contains("server")),
-        "a restart-only change is reported:\n{}",
-        d.log_text()
+    let after = admin_request(d.admin, &post("rotated")).await;
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    assert_eq!(
+        recv(&mut old).await,
+        serde_json::json!({"type":"message","topic":"news","data":0})
     );
+    // Each restart-only change is named by its key.
+    for key in ["server.max_connections", "connection.idle_timeout"] {
+        assert!(
+            d.log_text()
+                .lines()
+                .any(|l| l.contains("needs restart") && l.contains(key)),
+            "{key} is reported as needing a restart:\n{}",
+            d.log_text()
+        );
+    }
     publish(&mut third, "news", serde_json::json!(3), 4).await;
     assert_eq!(
         recv(&mut old).await,
