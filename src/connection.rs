@@ -160,7 +160,7 @@ where
         reader_done: Flag::default(),
         stop_reader: Flag::default(),
     });
-    let (rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(QueueLimits {
         capacity: conn.ctx.settings.queue_capacity,
         max_bytes: conn.ctx.settings.queue_max_bytes,
@@ -193,16 +193,7 @@ where
             // Upgraded while the drain was starting: it may have missed us.
             outbox.close(crate::queue::CloseRequest::shutdown());
         }
-        let writer = {
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let reason = write_loop(&mut wr, &conn, &outbox).await;
-                conn.stop_reader.set();
-                // close_notify, so TLS clients see a clean end of stream.
-                goodbye(&outbox, wr.shutdown()).await;
-                reason
-            })
-        };
+        let writer = tokio::spawn(writer(wr, conn.clone(), outbox));
         let mut patterns: HashSet<Box<str>> = HashSet::new();
         read_loop(&mut ws, ctx, &sub, &mut patterns, &conn.stop_reader).await;
         conn.reader_done.set();
@@ -272,7 +263,13 @@ impl RateLimiter {
 }
 
 async fn reply(outbox: &Outbox, text: String) -> bool {
-    outbox.reply(protocol::text_frame(&text)).await
+    match outbox.try_reply(protocol::text_frame(&text)) {
+        Ok(queued) => queued,
+        // Only when the client sends requests much faster than it reads the
+        // answers. Boxed, so the wait's state is not carried in every idle
+        // connection's future.
+        Err(frame) => Box::pin(outbox.reply(frame)).await,
+    }
 }
 
 async fn read_loop<S>(
@@ -529,6 +526,20 @@ async fn write_frame<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io
     wr.flush().await
 }
 
+/// The writer task: everything queued for the connection, pings, and the
+/// close handshake; returns why the connection ended.
+async fn writer<W>(mut wr: W, conn: Arc<Conn>, outbox: Arc<Outbox>) -> CloseReason
+where
+    W: AsyncWrite + Unpin,
+{
+    let reason = write_loop(&mut wr, &conn, &outbox).await;
+    conn.stop_reader.set();
+    // close_notify, so TLS clients see a clean end of stream (boxed for
+    // the same reason as the goodbye in write_loop).
+    Box::pin(goodbye(&outbox, wr.shutdown())).await;
+    reason
+}
+
 async fn write_loop<W>(wr: &mut W, conn: &Conn, outbox: &Outbox) -> CloseReason
 where
     W: AsyncWrite + Unpin,
@@ -584,18 +595,23 @@ where
         conn.stop_reader.set();
         return request.label;
     }
-    // Replies and control frames (the echo of a client's close among them)
-    // still go out first, and on shutdown the queued messages too.
-    if !batch.is_empty() {
-        goodbye(outbox, write_batch(wr, &mut batch, &mut buf, m)).await;
-    }
-    batch.clear();
-    if request.code != PEER_CLOSED {
-        let frame = protocol::close_frame(request.code, request.reason);
-        goodbye(outbox, write_frame(wr, &frame)).await;
-        // Give the peer a moment to answer the close, then cut.
-        goodbye(outbox, conn.reader_done.wait()).await;
-    }
+    // Boxed: the goodbye runs once per connection, and inline its state
+    // would enlarge every idle connection's writer task by ~300 B.
+    Box::pin(async {
+        // Replies and control frames (the echo of a client's close among
+        // them) still go out first, and on shutdown the queued messages too.
+        if !batch.is_empty() {
+            goodbye(outbox, write_batch(wr, &mut batch, &mut buf, m)).await;
+        }
+        batch.clear();
+        if request.code != PEER_CLOSED {
+            let frame = protocol::close_frame(request.code, request.reason);
+            goodbye(outbox, write_frame(wr, &frame)).await;
+            // Give the peer a moment to answer the close, then cut.
+            goodbye(outbox, conn.reader_done.wait()).await;
+        }
+    })
+    .await;
     conn.stop_reader.set();
     request.label
 }
@@ -645,6 +661,26 @@ mod tests {
         let (stream, _peer) = tokio::io::duplex(64);
         let fut = run(stream, Vec::new(), context(), ());
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1400, "connection future is {size} bytes");
+        assert!(size <= 1350, "connection future is {size} bytes");
+    }
+
+    /// The writer task's future, the other per-connection task.
+    #[tokio::test]
+    async fn the_writer_future_stays_small() {
+        let (stream, _peer) = tokio::io::duplex(64);
+        let (_rd, wr) = tokio::io::split(stream);
+        let conn = Arc::new(Conn {
+            ctx: context(),
+            reader_done: Flag::default(),
+            stop_reader: Flag::default(),
+        });
+        let outbox = Arc::new(Outbox::new(QueueLimits {
+            capacity: 1,
+            max_bytes: 1,
+            overflow: crate::config::Overflow::DropOldest,
+        }));
+        let fut = writer(wr, conn, outbox);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 640, "writer future is {size} bytes");
     }
 }

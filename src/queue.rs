@@ -228,31 +228,41 @@ impl Outbox {
         outcome
     }
 
+    /// Queues a reply (ack or error) in order with messages unless too many
+    /// are pending: `Ok(true)` queued, `Ok(false)` the connection is
+    /// closing, `Err(frame)` no room yet (then [`Outbox::reply`] waits).
+    pub fn try_reply(&self, frame: Bytes) -> Result<bool, Bytes> {
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return Ok(false);
+        }
+        if inner.replies >= MAX_PENDING_REPLIES {
+            return Err(frame);
+        }
+        let was_empty = inner.queue.is_empty();
+        inner.queue.push_back(Queued {
+            frame,
+            enqueued: Instant::now(),
+            reply: true,
+        });
+        inner.replies += 1;
+        drop(inner);
+        if was_empty {
+            self.writer.notify_one();
+        }
+        Ok(true)
+    }
+
     /// Queues a reply (ack or error) in order with messages; waits while too
     /// many replies are pending. Returns false when the connection is closing.
-    pub async fn reply(&self, frame: Bytes) -> bool {
+    pub async fn reply(&self, mut frame: Bytes) -> bool {
         loop {
-            let wait = {
-                let mut inner = self.inner.lock();
-                if inner.close.is_some() {
-                    return false;
-                }
-                if inner.replies < MAX_PENDING_REPLIES {
-                    let was_empty = inner.queue.is_empty();
-                    inner.queue.push_back(Queued {
-                        frame,
-                        enqueued: Instant::now(),
-                        reply: true,
-                    });
-                    inner.replies += 1;
-                    drop(inner);
-                    if was_empty {
-                        self.writer.notify_one();
-                    }
-                    return true;
-                }
-                self.reply_space.notified()
-            };
+            // Registered before the attempt, so a take() in between is seen.
+            let wait = self.reply_space.notified();
+            match self.try_reply(frame) {
+                Ok(queued) => return queued,
+                Err(back) => frame = back,
+            }
             wait.await;
         }
     }
