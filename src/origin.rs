@@ -149,8 +149,14 @@ fn parse_parts(s: &str, wildcards: bool) -> Result<Option<Parts<'_>>, OriginErro
             "contains a non-ASCII character (hosts must be punycode)"
         }));
     }
-    // Some clients and operators add one trailing slash; more is a path.
-    let body = s.strip_suffix('/').unwrap_or(s);
+    // Operators sometimes write one trailing slash in a pattern; tolerate it
+    // there. A browser's Origin never has one (RFC 6454 serialization), so
+    // in a header it is malformed, like any other path.
+    let body = if wildcards {
+        s.strip_suffix('/').unwrap_or(s)
+    } else {
+        s
+    };
     let Some((scheme, authority)) = body.split_once("://") else {
         return Err(syntax("missing `://`"));
     };
@@ -632,10 +638,14 @@ mod tests {
     }
 
     #[test]
-    fn trailing_slash_tolerated_once() {
-        assert!(m("https://a.com", "https://a.com/"));
+    fn trailing_slash_tolerated_once_in_patterns_only() {
         assert!(m("https://a.com/", "https://a.com"));
-        assert!(Origin::parse("https://a.com//").is_err());
+        assert!(OriginPattern::parse("https://a.com//").is_err());
+        // An Origin header is a serialized origin: no path, not even "/".
+        assert!(Origin::parse("https://a.com/").is_err());
+        let p = policy(&["https://a.com"], false);
+        assert!(p.check(Some("https://a.com/")).is_err());
+        assert!(p.check(Some("https://a.com")).is_ok());
     }
 
     #[test]
