@@ -532,15 +532,20 @@ async fn writer<W>(mut wr: W, conn: Arc<Conn>, outbox: Arc<Outbox>) -> CloseReas
 where
     W: AsyncWrite + Unpin,
 {
-    let reason = write_loop(&mut wr, &conn, &outbox).await;
+    let (reason, flushed) = write_loop(&mut wr, &conn, &outbox).await;
     conn.stop_reader.set();
-    // close_notify, so TLS clients see a clean end of stream (boxed for
-    // the same reason as the goodbye in write_loop).
-    Box::pin(goodbye(&outbox, wr.shutdown())).await;
+    if flushed {
+        // close_notify, so TLS clients see a clean end of stream (boxed for
+        // the same reason as the goodbye in write_loop).
+        Box::pin(goodbye(&outbox, wr.shutdown())).await;
+    }
     reason
 }
 
-async fn write_loop<W>(wr: &mut W, conn: &Conn, outbox: &Outbox) -> CloseReason
+/// Runs until the connection closes; returns why, and whether the goodbye
+/// writes went out (false when the peer stopped reading or the grace ended:
+/// then nothing more is worth writing).
+async fn write_loop<W>(wr: &mut W, conn: &Conn, outbox: &Outbox) -> (CloseReason, bool)
 where
     W: AsyncWrite + Unpin,
 {
@@ -593,37 +598,44 @@ where
     if outbox.is_aborted() {
         // The shutdown grace is over: no goodbyes.
         conn.stop_reader.set();
-        return request.label;
+        return (request.label, false);
     }
     // Boxed: the goodbye runs once per connection, and inline its state
     // would enlarge every idle connection's writer task by ~300 B.
-    Box::pin(async {
+    let flushed = Box::pin(async {
         // Replies and control frames (the echo of a client's close among
         // them) still go out first, and on shutdown the queued messages too.
+        let mut flushed = true;
         if !batch.is_empty() {
-            goodbye(outbox, write_batch(wr, &mut batch, &mut buf, m)).await;
+            flushed = goodbye(outbox, write_batch(wr, &mut batch, &mut buf, m)).await;
         }
         batch.clear();
-        if request.code != PEER_CLOSED {
+        // A peer that stopped reading (a stalled slow consumer) will neither
+        // take the close frame nor answer it: cut now, not after 3 timeouts.
+        if flushed && request.code != PEER_CLOSED {
             let frame = protocol::close_frame(request.code, request.reason);
-            goodbye(outbox, write_frame(wr, &frame)).await;
-            // Give the peer a moment to answer the close, then cut.
-            goodbye(outbox, conn.reader_done.wait()).await;
+            flushed = goodbye(outbox, write_frame(wr, &frame)).await;
+            if flushed {
+                // Give the peer a moment to answer the close, then cut.
+                goodbye(outbox, conn.reader_done.wait()).await;
+            }
         }
+        flushed
     })
     .await;
     conn.stop_reader.set();
-    request.label
+    (request.label, flushed)
 }
 
 /// One step of a connection's goodbye, bounded by [`CLOSE_WAIT`] and cut
 /// short when the shutdown grace ends ([`Outbox::abort`]), so the daemon
-/// exits within `shutdown_grace` even when peers never answer.
-async fn goodbye<F: std::future::Future>(outbox: &Outbox, step: F) {
+/// exits within `shutdown_grace` even when peers never answer. True when
+/// the step finished in time.
+async fn goodbye<F: std::future::Future>(outbox: &Outbox, step: F) -> bool {
     tokio::select! {
         biased;
-        _ = timeout(CLOSE_WAIT, step) => {}
-        _ = outbox.aborted() => {}
+        r = timeout(CLOSE_WAIT, step) => r.is_ok(),
+        _ = outbox.aborted() => false,
     }
 }
 

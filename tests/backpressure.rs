@@ -267,3 +267,73 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
     publish(&mut publ, "after", json!("ok"), 2).await;
     assert_eq!(recv(&mut again).await["data"], "ok");
 }
+
+/// A slow consumer that has stopped reading altogether is cut about one
+/// CLOSE_WAIT (2 s) after its queue overflows: it can take neither the close
+/// frame nor close_notify, so the server does not wait for either. The client
+/// is raw TLS: it upgrades, subscribes with a hand-made frame, and never
+/// reads again. (Against the release binary with a Python client the old
+/// goodbye took ~6 s, three timeouts; in process it happened to end at 2 s
+/// either way, so this test holds the bound rather than the difference.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_slow_consumer_is_cut_without_waiting_for_goodbyes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start(&settings("disconnect")).await;
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let tcp = socket.connect(srv.addr).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(srv.tls.clone());
+    let mut stuck = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("tls");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n"
+    );
+    stuck.write_all(request.as_bytes()).await.expect("upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stuck.read_u8().await.expect("101"));
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let cmd = br#"{"op":"subscribe","topic":"stuck"}"#;
+    let mut frame = vec![0x81, 0x80 | cmd.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(cmd);
+    stuck.write_all(&frame).await.expect("subscribe");
+    let broker = srv.server.shared().broker.clone();
+    let deadline = Instant::now() + WAIT;
+    let sub = loop {
+        let found = broker
+            .subscribers()
+            .into_iter()
+            .find(|s| s.subscriptions.load(std::sync::atomic::Ordering::Relaxed) == 1);
+        if let Some(sub) = found {
+            break sub;
+        }
+        assert!(Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut publ = srv.ws().await;
+    // Publish until its queue overflows (64 KiB plus kernel buffers).
+    let big = "q".repeat(8000);
+    while !sub.outbox.is_closing() {
+        assert!(Instant::now() < deadline, "never overflowed");
+        send(
+            &mut publ,
+            json!({"op":"publish","topic":"stuck","data":big}),
+        )
+        .await;
+    }
+    let overflowed = Instant::now();
+    // The connection has fully ended (reader and writer tasks gone) when
+    // ours is the last reference to its subscriber entry.
+    while std::sync::Arc::strong_count(&sub) > 1 {
+        assert!(
+            overflowed.elapsed() < Duration::from_millis(4000),
+            "still connected {:?} after the overflow",
+            overflowed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stuck);
+}
