@@ -422,7 +422,6 @@ async fn handle_text(
             &rejection.message,
         )),
         Ok(Command::Publish { topic, data, id }) => {
-            let frame = protocol::message_frame(&topic, data.get());
             // The ack is queued first, so a publisher subscribed to its own
             // topic reads the answer to its request before the message (as
             // NATS' verbose +OK). Nothing can fail between the two: the
@@ -432,6 +431,7 @@ async fn handle_text(
                     return false;
                 }
             }
+            let frame = protocol::message_frame(&topic, data.get());
             ctx.broker.publish(&topic, &frame);
             ctx.metrics.published_ws.increment(1);
             None
@@ -544,7 +544,7 @@ where
 
 /// Runs until the connection closes; returns why, and whether the goodbye
 /// writes went out (false when the peer stopped reading or the grace ended:
-/// then nothing more is worth writing).
+/// then nothing more is worth writing). The caller stops the reader.
 async fn write_loop<W>(wr: &mut W, conn: &Conn, outbox: &Outbox) -> (CloseReason, bool)
 where
     W: AsyncWrite + Unpin,
@@ -597,7 +597,6 @@ where
     };
     if outbox.is_aborted() {
         // The shutdown grace is over: no goodbyes.
-        conn.stop_reader.set();
         return (request.label, false);
     }
     // Boxed: the goodbye runs once per connection, and inline its state
@@ -623,7 +622,6 @@ where
         flushed
     })
     .await;
-    conn.stop_reader.set();
     (request.label, flushed)
 }
 
