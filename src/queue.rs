@@ -338,8 +338,8 @@ impl Outbox {
     /// Ends the connection without a close handshake (shutdown grace over).
     pub fn abort(&self) {
         self.aborted.set();
+        // Sets `closing` too (every close request does).
         self.close(CloseRequest::shutdown());
-        self.closing.set();
     }
 
     /// True after [`Outbox::abort`].
