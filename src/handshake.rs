@@ -88,6 +88,12 @@ pub fn evaluate(
 ) -> Result<(String, Option<String>), Refusal> {
     let target = req.path.unwrap_or("");
     let path = target.split(['?', '#']).next().unwrap_or("");
+    // Absolute form (`GET https://host/ws`, RFC 9112 §3.2.2), which servers
+    // must accept: the path is what follows the authority.
+    let path = match path.split_once("://") {
+        Some((_, rest)) if !path.starts_with('/') => rest.find('/').map_or("/", |i| &rest[i..]),
+        _ => path,
+    };
     if path != rules.path {
         return Err(Refusal::new(
             404,

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 fn status_of(r: Result<Ws, WsError>) -> (u16, String) {
@@ -28,6 +29,36 @@ async fn wrong_path_is_404() {
     assert!(body.contains("/ws"), "{body}");
     let (status, _) = status_of(srv.try_ws("/ws?x=1", Some(ORIGIN)).await);
     assert_eq!(status, 101, "a query string does not change the path");
+    // The absolute form of the request target names the same path.
+    let upgrade = format!("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\r\n");
+    // (Only the head: after a 101 the connection stays open.)
+    let mut tls = srv.tls().await;
+    tls.write_all(
+        format!("GET https://localhost/ws?x=1 HTTP/1.1\r\nHost: localhost\r\n{upgrade}").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tls.read_u8().await.expect("response head"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let resp = srv
+        .raw_http(&format!(
+            "GET https://localhost/other HTTP/1.1\r\nHost: localhost\r\n{upgrade}"
+        ))
+        .await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    let resp = srv
+        .raw_http(&format!(
+            "GET https://localhost HTTP/1.1\r\nHost: localhost\r\n{upgrade}"
+        ))
+        .await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
 }
 
 #[tokio::test]
