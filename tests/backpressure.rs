@@ -14,17 +14,24 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A client whose socket has a tiny receive buffer, so that when it stops
-/// reading the server's writes block quickly.
-async fn stalled_client(srv: &TestServer) -> Ws {
+/// A TLS connection whose socket has a tiny receive buffer, so that when the
+/// client stops reading the server's writes block quickly.
+async fn small_window_tls(
+    srv: &TestServer,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
     let tcp = socket.connect(srv.addr).await.expect("connect");
     let connector = tokio_rustls::TlsConnector::from(srv.tls.clone());
-    let tls = connector
+    connector
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
-        .expect("tls");
+        .expect("tls")
+}
+
+/// A WebSocket client over [`small_window_tls`].
+async fn stalled_client(srv: &TestServer) -> Ws {
+    let tls = small_window_tls(srv).await;
     let mut req = format!("wss://localhost:{}/ws", srv.addr.port())
         .into_client_request()
         .expect("request");
@@ -279,14 +286,7 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
 async fn a_stuck_slow_consumer_is_cut_without_waiting_for_goodbyes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let srv = TestServer::start(&settings("disconnect")).await;
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let tcp = socket.connect(srv.addr).await.expect("connect");
-    let connector = tokio_rustls::TlsConnector::from(srv.tls.clone());
-    let mut stuck = connector
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("tls");
+    let mut stuck = small_window_tls(&srv).await;
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n"
     );
