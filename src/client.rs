@@ -144,6 +144,9 @@ pub enum ClientError {
         /// Close reason.
         reason: String,
     },
+    /// The server broke the WebSocket protocol.
+    #[error("websocket protocol error: {0}")]
+    Protocol(String),
     /// The connection ended without a close frame.
     #[error("connection lost without a close frame")]
     ConnectionLost,
@@ -419,6 +422,20 @@ async fn connect_inner(
     ws_config: WebSocketConfig,
 ) -> Result<WsStream, ClientError> {
     // Build the request first: a bad header should fail before any network work.
+    let request = upgrade_request(target, opts)?;
+    let tls_stream = connect_tls(target, tls, local_addr).await?;
+    upgrade(request, tls_stream, ws_config).await
+}
+
+/// A WebSocket upgrade request (method, URI and headers).
+pub type UpgradeRequest = tungstenite::handshake::client::Request;
+
+/// The upgrade request for `target` with the Origin / Authorization headers
+/// of `opts`.
+pub fn upgrade_request(
+    target: &Target,
+    opts: &ClientOptions,
+) -> Result<UpgradeRequest, ClientError> {
     let mut request = target
         .url
         .as_str()
@@ -436,13 +453,21 @@ async fn connect_inner(
             .map_err(|_| ClientError::Header("Authorization"))?;
         request.headers_mut().insert(AUTHORIZATION, v);
     }
+    Ok(request)
+}
+
+/// TCP (optionally from `local_addr`) and TLS to `target`, no timeout.
+pub async fn connect_tls(
+    target: &Target,
+    tls: Arc<rustls::ClientConfig>,
+    local_addr: Option<IpAddr>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
     let server_name = ServerName::try_from(target.host.clone()).map_err(|e| ClientError::Url {
         url: target.url.clone(),
         reason: format!("host is not a valid TLS server name: {e}"),
     })?;
-
     let tcp = tcp_connect(&target.addrs, local_addr).await?;
-    let tls_stream = tokio_rustls::TlsConnector::from(tls)
+    tokio_rustls::TlsConnector::from(tls)
         .connect(server_name, tcp)
         .await
         .map_err(|source| {
@@ -456,8 +481,20 @@ async fn connect_inner(
                 source,
                 hint,
             }
-        })?;
-    match tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config)).await {
+        })
+}
+
+/// The WebSocket upgrade over an open stream; a refusal becomes
+/// [`ClientError::Rejected`] with the server's status and body.
+pub async fn upgrade<S>(
+    request: UpgradeRequest,
+    stream: S,
+    ws_config: WebSocketConfig,
+) -> Result<tokio_tungstenite::WebSocketStream<S>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config)).await {
         Ok((ws, _response)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status();
@@ -578,60 +615,19 @@ pub async fn subscribe(
     timeout: Duration,
     mut on_message: impl FnMut(&str) -> Result<(), ClientError>,
 ) -> Result<(), ClientError> {
-    for (i, topic) in topics.iter().enumerate() {
-        let frame = serde_json::json!({"op": "subscribe", "topic": topic, "id": i + 1});
-        ws.feed(Message::text(frame.to_string())).await?;
+    let mut acks = SubscribeAcks::new(topics);
+    for frame in acks.frames() {
+        ws.feed(Message::text(frame)).await?;
     }
     ws.flush().await?;
-    let mut pending: Vec<bool> = vec![true; topics.len()];
-    let mut left = topics.len();
     let wait = async {
-        while left > 0 {
+        while !acks.done() {
             let msg = match ws.next().await {
                 Some(msg) => msg?,
                 None => return Err(ClientError::ConnectionLost),
             };
             match msg {
-                Message::Text(text) => {
-                    let Ok(frame) = serde_json::from_str::<ServerFrame<'_>>(&text) else {
-                        tracing::debug!(frame = %text, "ignoring unparsable frame");
-                        continue;
-                    };
-                    match frame.kind.as_ref() {
-                        "message" => on_message(&text)?,
-                        "ack" | "error" => {
-                            let slot = frame
-                                .numeric_id()
-                                .and_then(|id| usize::try_from(id).ok())
-                                .and_then(|id| id.checked_sub(1))
-                                .filter(|&i| i < pending.len() && pending[i]);
-                            match (slot, frame.kind.as_ref()) {
-                                (Some(i), "ack") => {
-                                    pending[i] = false;
-                                    left -= 1;
-                                }
-                                (Some(i), _) => {
-                                    return Err(match frame.to_error() {
-                                        ClientError::Server { code, message } => {
-                                            ClientError::Server {
-                                                code,
-                                                message: format!(
-                                                    "subscribe {:?}: {message}",
-                                                    topics[i]
-                                                ),
-                                            }
-                                        }
-                                        other => other,
-                                    });
-                                }
-                                (None, _) => {
-                                    tracing::debug!(frame = %text, "ignoring unexpected frame")
-                                }
-                            }
-                        }
-                        _ => tracing::debug!(frame = %text, "ignoring unknown frame type"),
-                    }
-                }
+                Message::Text(text) => acks.on_text(&text, &mut on_message)?,
                 Message::Close(frame) => return Err(close_error(frame)),
                 _ => {}
             }
@@ -641,6 +637,82 @@ pub async fn subscribe(
     tokio::time::timeout(timeout, wait)
         .await
         .map_err(|_| ClientError::Timeout("waiting for the subscribe acks"))?
+}
+
+/// The acks still due for subscriptions sent with ids 1..=n, one per topic.
+pub struct SubscribeAcks<'t> {
+    topics: &'t [String],
+    pending: Vec<bool>,
+    left: usize,
+}
+
+impl<'t> SubscribeAcks<'t> {
+    /// Nothing acked yet.
+    pub fn new(topics: &'t [String]) -> Self {
+        Self {
+            topics,
+            pending: vec![true; topics.len()],
+            left: topics.len(),
+        }
+    }
+
+    /// The subscribe commands to send, ids 1..=n.
+    pub fn frames(&self) -> impl Iterator<Item = String> + 't {
+        self.topics.iter().enumerate().map(|(i, topic)| {
+            serde_json::json!({"op": "subscribe", "topic": topic, "id": i + 1}).to_string()
+        })
+    }
+
+    /// Every subscription was acked.
+    pub fn done(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Takes one text frame from the server: counts an ack, fails on an error
+    /// answering one of the subscriptions, hands message frames to
+    /// `on_message` and ignores anything else.
+    pub fn on_text(
+        &mut self,
+        text: &str,
+        mut on_message: impl FnMut(&str) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let Ok(frame) = serde_json::from_str::<ServerFrame<'_>>(text) else {
+            tracing::debug!(frame = %text, "ignoring unparsable frame");
+            return Ok(());
+        };
+        match frame.kind.as_ref() {
+            "message" => on_message(text),
+            "ack" | "error" => {
+                let slot = frame
+                    .numeric_id()
+                    .and_then(|id| usize::try_from(id).ok())
+                    .and_then(|id| id.checked_sub(1))
+                    .filter(|&i| i < self.pending.len() && self.pending[i]);
+                match (slot, frame.kind.as_ref()) {
+                    (Some(i), "ack") => {
+                        self.pending[i] = false;
+                        self.left -= 1;
+                        Ok(())
+                    }
+                    (Some(i), _) => Err(match frame.to_error() {
+                        ClientError::Server { code, message } => ClientError::Server {
+                            code,
+                            message: format!("subscribe {:?}: {message}", self.topics[i]),
+                        },
+                        other => other,
+                    }),
+                    (None, _) => {
+                        tracing::debug!(frame = %text, "ignoring unexpected frame");
+                        Ok(())
+                    }
+                }
+            }
+            _ => {
+                tracing::debug!(frame = %text, "ignoring unknown frame type");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Turns a close frame received from the server into an error (for callers

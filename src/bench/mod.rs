@@ -9,10 +9,11 @@
 //! histogram. After publishing stops the bench waits until every expected
 //! delivery arrived or nothing arrived for 5 s, and returns a [`BenchReport`].
 //!
-//! The client shares the machine with the server, so it is kept cheap: no
-//! JSON parsing on the receive path (the timestamp is found by a byte
-//! search), per-connection counters that are stored, not contended, and
-//! latencies batched into a few sharded histograms.
+//! The client shares the machine with the server, so it is kept cheap:
+//! subscribers are read by a few receiver threads with hand-parsed frames
+//! (see [`receiver`]), no JSON parsing on the receive path (the timestamp is
+//! found by a byte search), per-connection counters that are stored, not
+//! contended, and one latency histogram per receiver thread.
 //!
 //! TLS session resumption is disabled so every connection pays a full
 //! handshake, as in the reference measurements (PEERS.md).
@@ -33,6 +34,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, ClientError, ClientOptions, Target};
 
+mod receiver;
+
+use receiver::{Inlets, Receivers};
+
 /// Above this many connections the sources are spread over 127.0.0.1–250
 /// (one source address has ~28k ephemeral ports, shared with TIME_WAIT
 /// leftovers of earlier runs).
@@ -43,10 +48,6 @@ const SPREAD_ADDRS: usize = 250;
 const SUB_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stop waiting for the remaining deliveries after this long without progress.
 const DRAIN_IDLE: Duration = Duration::from_secs(5);
-/// Latencies buffered per subscriber before taking a shard lock.
-const LAT_BATCH: usize = 256;
-/// Number of latency histogram shards (fewer locks collide on 2 cores).
-const LAT_SHARDS: usize = 16;
 /// Highest latency the histograms track, in microseconds (1 hour).
 const LAT_MAX_US: u64 = 3_600_000_000;
 /// Messages fed per flush by a `--rate max` publisher.
@@ -98,6 +99,9 @@ pub struct BenchArgs {
     /// Concurrent connection attempts while opening
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
+    /// Threads reading the subscribers' sockets
+    #[arg(long, default_value_t = 1)]
+    pub receiver_threads: usize,
 }
 
 /// Why a bench could not run.
@@ -309,7 +313,6 @@ struct Ctx {
     opts: ClientOptions,
     tls: Arc<rustls::ClientConfig>,
     spread: bool,
-    sub_ws: WebSocketConfig,
     pub_ws: WebSocketConfig,
     topics: usize,
     publishers: usize,
@@ -361,22 +364,6 @@ impl Ctx {
         // The receiver lives until every attempt reported; a send error
         // only means the bench is already being torn down.
         let _ = self.attempt_done.send(());
-    }
-
-    fn flush_latencies(&self, idx: usize, lat: &mut Vec<u64>) {
-        if lat.is_empty() {
-            return;
-        }
-        let mut h = match self.shards[idx % LAT_SHARDS].lock() {
-            Ok(h) => h,
-            // A panicking holder cannot leave a histogram half-updated in a
-            // way that matters for a report.
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for &v in lat.iter() {
-            h.saturating_record(v);
-        }
-        lat.clear();
     }
 }
 
@@ -458,14 +445,6 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     tls.resumption = rustls::client::Resumption::disabled();
     let spread = total > SPREAD_THRESHOLD && target.is_ipv4_loopback();
 
-    // tungstenite zero-fills the free read buffer before every read, so a
-    // subscriber's buffer is sized for the frames it gets, not 128 KiB.
-    let sub_read = (args.payload + 256)
-        .next_power_of_two()
-        .clamp(4096, 64 * 1024);
-    let sub_ws = WebSocketConfig::default()
-        .read_buffer_size(sub_read)
-        .max_message_size(Some(16 << 20));
     // Publishers coalesce many frames into one write (few TLS records).
     let pub_ws = WebSocketConfig::default()
         .read_buffer_size(4096)
@@ -478,14 +457,13 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         opts: args.client.clone(),
         tls: Arc::new(tls),
         spread,
-        sub_ws,
         pub_ws,
         topics: args.topics,
         publishers: n_pubs,
         payload: args.payload,
         extra_subscriptions: args.extra_subscriptions,
         base: Instant::now(),
-        shards: (0..LAT_SHARDS)
+        shards: (0..args.receiver_threads.max(1))
             .map(|_| Mutex::new(new_histogram()))
             .collect(),
         subs_ok: (0..args.topics).map(|_| AtomicU64::new(0)).collect(),
@@ -506,6 +484,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         client_cpu_seconds(),
         args.server_pid.and_then(server_cpu_seconds),
     );
+    let receivers = Receivers::start(args.receiver_threads, &ctx).map_err(ClientError::Io)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (plan_tx, plan_rx) = watch::channel::<Option<Arc<Plan>>>(None);
 
@@ -530,6 +509,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         let sub_counters = sub_counters.clone();
         let pub_stats = pub_stats.clone();
         let (stop_rx, plan_rx) = (stop_rx.clone(), plan_rx.clone());
+        let inlets = receivers.inlets();
         tokio::spawn(async move {
             let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(total);
             // idx is the global connection number (source address, role).
@@ -539,7 +519,6 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
                     break;
                 };
                 let ctx = ctx.clone();
-                let stop = stop_rx.clone();
                 let handle = if idx < n_subs + n_wild {
                     let role = if idx < n_subs {
                         Role::Sub(idx % ctx.topics)
@@ -547,10 +526,11 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
                         Role::Wildcard
                     };
                     let counter = sub_counters[idx].clone();
-                    tokio::spawn(subscriber(ctx, idx, role, permit, counter, stop))
+                    tokio::spawn(subscriber(ctx, idx, role, permit, counter, inlets.clone()))
                 } else {
                     let p = idx - n_subs - n_wild;
                     let stats = pub_stats[p].clone();
+                    let stop = stop_rx.clone();
                     tokio::spawn(publisher(ctx, idx, p, permit, stats, plan_rx.clone(), stop))
                 };
                 handles.push(handle);
@@ -602,21 +582,25 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         connections as f64 / connect_seconds.max(1e-9)
     );
 
-    let teardown = |handles: Vec<JoinHandle<()>>| {
+    let teardown = |handles: Vec<JoinHandle<()>>, receivers: Receivers| {
         let _ = stop_tx.send(true);
         async move {
-            // Tasks flush their latencies, then close; don't wait forever.
+            // Publishers close and subscribers are closed by their receiver
+            // threads (which record their latencies first); don't wait forever.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            for h in handles {
-                if tokio::time::timeout_at(deadline, h).await.is_err() {
-                    break;
+            let publishers = async {
+                for h in handles {
+                    if tokio::time::timeout_at(deadline, h).await.is_err() {
+                        break;
+                    }
                 }
-            }
+            };
+            tokio::join!(publishers, receivers.finish());
         }
     };
 
     if connections == 0 {
-        teardown(handles).await;
+        teardown(handles, receivers).await;
         return Err(BenchError::AllConnectsFailed {
             attempts: total,
             first_error: first_connect_error.unwrap_or_else(|| "unknown".into()),
@@ -674,12 +658,12 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         report.server_cpu_seconds = cpu0.1.zip(cpu2.1).map(|(a, b)| b - a);
         report.duration_s = hold_start.elapsed().as_secs_f64();
         report.subscriber_disconnects = ctx.subscriber_disconnects.load(Ordering::Relaxed);
-        teardown(handles).await;
+        teardown(handles, receivers).await;
         return Ok(report);
     }
 
     if pubs_ok == 0 {
-        teardown(handles).await;
+        teardown(handles, receivers).await;
         return Err(BenchError::NoPublisher(
             report
                 .first_connect_error
@@ -763,7 +747,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         args.server_pid.and_then(server_cpu_seconds),
     );
 
-    teardown(handles).await;
+    teardown(handles, receivers).await;
 
     let published = sum_pub(|s| s.published.get());
     let expected = sum_pub(|s| s.expected.get());
@@ -825,15 +809,15 @@ fn merged_latency(ctx: &Ctx) -> LatencyMs {
     }
 }
 
-/// One subscriber connection: connect, subscribe, then count and time
-/// deliveries until told to stop.
+/// Opens one subscriber connection (connect, subscribe) and hands it to a
+/// receiver thread, which counts and times its deliveries until the end.
 async fn subscriber(
     ctx: Arc<Ctx>,
     idx: usize,
     role: Role,
     permit: OwnedSemaphorePermit,
     counter: Arc<Counter>,
-    mut stop: watch::Receiver<bool>,
+    inlets: Arc<Inlets>,
 ) {
     let topic = match role {
         Role::Sub(t) => format!("bench.t{t}"),
@@ -847,69 +831,14 @@ async fn subscriber(
             format!("bench.idle.s{idx}.k{k}")
         }
     }));
-    let opened = async {
-        let mut ws = client::connect_to(
-            &ctx.target,
-            &ctx.opts,
-            ctx.tls.clone(),
-            ctx.local_addr(idx),
-            ctx.sub_ws,
-        )
-        .await?;
-        client::subscribe(&mut ws, &topics, SUB_ACK_TIMEOUT, |_| Ok(())).await?;
-        Ok::<_, ClientError>(ws)
-    }
-    .await;
+    let opened = receiver::open(&ctx, idx, &topics).await;
     drop(permit);
-    let (result, ws) = match opened {
-        Ok(ws) => (Ok(()), Some(ws)),
-        Err(e) => (Err(e), None),
-    };
-    ctx.record_connect(role, &result);
-    let Some(mut ws) = ws else { return };
-
-    let mut lat: Vec<u64> = Vec::with_capacity(LAT_BATCH);
-    let mut delivered = 0u64;
-    let stopped = stop.changed();
-    tokio::pin!(stopped);
-    let mut ended = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => match extract_ts(&text) {
-                    Some(ts) => {
-                        let now = ctx.base.elapsed().as_nanos() as u64;
-                        lat.push(now.saturating_sub(ts) / 1000);
-                        if lat.len() == LAT_BATCH {
-                            ctx.flush_latencies(idx, &mut lat);
-                        }
-                        delivered += 1;
-                        counter.set(delivered);
-                    }
-                    None => {
-                        ctx.unexpected_frames.fetch_add(1, Ordering::Relaxed);
-                    }
-                },
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    ended = true;
-                    break;
-                }
-                Some(Ok(_)) => {}
-            }
+    match opened {
+        Ok(opened) => {
+            inlets.add(idx, opened, counter);
+            ctx.record_connect(role, &Ok(()));
         }
-    }
-    ctx.flush_latencies(idx, &mut lat);
-    if ended {
-        ctx.subscriber_disconnects.fetch_add(1, Ordering::Relaxed);
-        // Let tungstenite answer the server's close; ignore the outcome.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(_)) = ws.next().await {}
-        })
-        .await;
-    } else {
-        client::close_gracefully(&mut ws).await;
+        Err(e) => ctx.record_connect(role, &Err(e)),
     }
 }
 
