@@ -486,7 +486,7 @@ pub async fn connect_tls(
 
 /// The WebSocket upgrade over an open stream; a refusal becomes
 /// [`ClientError::Rejected`] with the server's status and body.
-pub async fn upgrade<S>(
+async fn upgrade<S>(
     request: UpgradeRequest,
     stream: S,
     ws_config: WebSocketConfig,

@@ -46,7 +46,7 @@ const OP_PONG: u8 = 0xA;
 
 /// A frame that breaks RFC 6455 for a client to receive.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub(crate) enum FrameError {
+enum FrameError {
     /// RSV bits without a negotiated extension.
     #[error("reserved bits set")]
     Reserved,
@@ -63,16 +63,16 @@ pub(crate) enum FrameError {
 
 /// One complete frame at the start of a buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Frame<'a> {
-    pub fin: bool,
-    pub opcode: u8,
-    pub payload: &'a [u8],
+struct Frame<'a> {
+    fin: bool,
+    opcode: u8,
+    payload: &'a [u8],
     /// Header plus payload length: where the next frame starts.
-    pub len: usize,
+    len: usize,
 }
 
 /// Parses the frame at the start of `buf`; `None` until all of it arrived.
-pub(crate) fn next_frame(buf: &[u8]) -> Result<Option<Frame<'_>>, FrameError> {
+fn next_frame(buf: &[u8]) -> Result<Option<Frame<'_>>, FrameError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
     if b0 & 0x70 != 0 {
         return Err(FrameError::Reserved);
@@ -108,7 +108,7 @@ pub(crate) fn next_frame(buf: &[u8]) -> Result<Option<Frame<'_>>, FrameError> {
 }
 
 /// Appends one masked (client-to-server) frame with FIN set.
-pub(crate) fn encode_masked(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+fn encode_masked(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.push(0x80 | opcode);
     match payload.len() {
         n @ 0..=125 => out.push(0x80 | n as u8),
@@ -644,22 +644,16 @@ impl Thread {
                     self.commands(&rx, poll.registry(), &mut tally);
                     continue;
                 }
-                let ended = match self.conns.get_mut(token.0).and_then(Option::as_mut) {
-                    Some(conn) => {
-                        let mut r = Ok(());
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            r = conn.read(&mut self.sc, &mut tally);
-                        }
-                        if r.is_ok() || !conn.closing {
-                            // Also delivers the echo of a server's close.
-                            let flushed = conn.flush(poll.registry(), token);
-                            r = r.and(flushed);
-                        }
-                        r.err()
-                    }
-                    None => None,
+                let Some(conn) = self.conns.get_mut(token.0).and_then(Option::as_mut) else {
+                    continue;
                 };
-                if ended.is_some() {
+                let mut r = Ok(());
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    r = conn.read(&mut self.sc, &mut tally);
+                }
+                // Also sends pongs and the echo of a server's close.
+                let flushed = conn.flush(poll.registry(), token);
+                if r.and(flushed).is_err() {
                     self.remove(token.0, poll.registry());
                 }
             }
