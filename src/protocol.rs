@@ -18,6 +18,14 @@ pub const MAX_DATA_DEPTH: usize = 128;
 
 /// Checks that a (syntactically valid) JSON value nests at most `max` deep.
 pub fn depth_within(json: &str, max: usize) -> bool {
+    // Nesting needs an opening bracket per level, so a value with at most
+    // `max` of them (counting those inside strings too) is within bounds.
+    // The count vectorises; it settles nearly every publish at a fraction of
+    // the cost of the exact scan below (7 % of a publish-heavy broker's CPU).
+    let opening = json.bytes().filter(|&b| b == b'[' || b == b'{').count();
+    if opening <= max {
+        return true;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -467,6 +475,23 @@ mod tests {
         );
         let r = parse_command(&deep).expect_err("too deep");
         assert_eq!(r.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn depth_limit_is_exact_at_the_boundary_and_ignores_strings() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(depth_within(&nested(MAX_DATA_DEPTH), MAX_DATA_DEPTH));
+        assert!(!depth_within(&nested(MAX_DATA_DEPTH + 1), MAX_DATA_DEPTH));
+        // More brackets than the limit, all but two inside strings: the
+        // exact scan decides, not the bracket count.
+        let in_strings = format!(r#"[{{"k":"{}"}}]"#, "[{".repeat(MAX_DATA_DEPTH));
+        assert!(depth_within(&in_strings, MAX_DATA_DEPTH));
+        let objects = format!(
+            "{}1{}",
+            r#"{"a":"#.repeat(MAX_DATA_DEPTH + 1),
+            "}".repeat(MAX_DATA_DEPTH + 1)
+        );
+        assert!(!depth_within(&objects, MAX_DATA_DEPTH));
     }
 
     #[test]
