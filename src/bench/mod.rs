@@ -292,8 +292,19 @@ enum Role {
 struct PubStats {
     published: Counter,
     expected: Counter,
+    /// When publishing finished, in ns since `Ctx::base` (valid once `done`).
+    finished_ns: AtomicU64,
     /// Publishing finished (deadline reached or connection lost).
     done: AtomicBool,
+}
+
+impl PubStats {
+    /// Marks publishing as finished now.
+    fn finish(&self, base: Instant) {
+        self.finished_ns
+            .store(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.done.store(true, Ordering::Release);
+    }
 }
 
 /// Handed to publishers once every connection is open.
@@ -657,8 +668,10 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         report.client_cpu_seconds = cpu2.0 - cpu0.0;
         report.server_cpu_seconds = cpu0.1.zip(cpu2.1).map(|(a, b)| b - a);
         report.duration_s = hold_start.elapsed().as_secs_f64();
-        report.subscriber_disconnects = ctx.subscriber_disconnects.load(Ordering::Relaxed);
         teardown(handles, receivers).await;
+        // After the teardown, as in a fan-out run: closes the server started
+        // before ours count.
+        report.subscriber_disconnects = ctx.subscriber_disconnects.load(Ordering::Relaxed);
         return Ok(report);
     }
 
@@ -740,7 +753,16 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         }
     }
     let end = Instant::now();
-    let publishing_done_at = publishing_done_at.unwrap_or(end);
+    // The publishers' own finish times: the loop above only looks every 50 ms.
+    let publishing_done_at = if pub_stats.iter().all(|s| s.done.load(Ordering::Acquire)) {
+        pub_stats
+            .iter()
+            .map(|s| ctx.base + Duration::from_nanos(s.finished_ns.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(end)
+    } else {
+        publishing_done_at.unwrap_or(end)
+    };
     let rss_after = args.server_pid.and_then(read_rss);
     let cpu2 = (
         client_cpu_seconds(),
@@ -921,7 +943,7 @@ async fn publisher(
     };
     ctx.record_connect(Role::Pub, &result);
     let Some(ws) = ws else {
-        stats.done.store(true, Ordering::Release);
+        stats.finish(ctx.base);
         return;
     };
     let (mut sink, mut stream) = ws.split();
@@ -967,7 +989,7 @@ async fn publisher(
             eprintln!("bench: publisher {p} failed: {e}");
         }
     }
-    stats.done.store(true, Ordering::Release);
+    stats.finish(ctx.base);
 
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
     // Sends our close; the reader sees the echo and ends.
