@@ -1028,13 +1028,7 @@ where
         None => {
             // As fast as the socket takes: feed a batch, flush once.
             while Instant::now() < plan.deadline {
-                for _ in 0..MAX_RATE_BATCH {
-                    let msg = gen.next_message();
-                    sink.feed(msg).await?;
-                }
-                sink.flush().await?;
-                stats.published.set(gen.seq);
-                stats.expected.set(gen.expected);
+                send_batch(&mut gen, MAX_RATE_BATCH as u64, sink, stats).await?;
             }
         }
         Some(rate) => {
@@ -1055,17 +1049,30 @@ where
                 if n == 0 {
                     continue;
                 }
-                for _ in 0..n {
-                    let msg = gen.next_message();
-                    sink.feed(msg).await?;
-                }
-                sink.flush().await?;
-                stats.published.set(gen.seq);
-                stats.expected.set(gen.expected);
+                send_batch(&mut gen, n, sink, stats).await?;
             }
         }
     }
     // Publish counts only what was flushed above, so expected matches.
+    stats.published.set(gen.seq);
+    stats.expected.set(gen.expected);
+    Ok(())
+}
+
+/// Feeds `n` messages, flushes once, then records them as published.
+async fn send_batch<S>(
+    gen: &mut FrameGen,
+    n: u64,
+    sink: &mut S,
+    stats: &PubStats,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    for _ in 0..n {
+        sink.feed(gen.next_message()).await?;
+    }
+    sink.flush().await?;
     stats.published.set(gen.seq);
     stats.expected.set(gen.expected);
     Ok(())
