@@ -335,24 +335,36 @@ pub(super) struct Receivers {
 impl Receivers {
     /// Starts `n` (at least one) receiver threads recording into `ctx`.
     pub fn start(n: usize, ctx: &Arc<Ctx>) -> io::Result<Self> {
+        let mut started = Self {
+            inlets: Arc::new(Inlets { inlets: Vec::new() }),
+            threads: Vec::new(),
+        };
         let mut inlets = Vec::new();
-        let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let poll = Poll::new()?;
-            let waker = Waker::new(poll.registry(), WAKE)?;
-            let (tx, rx) = mpsc::channel();
-            let ctx = ctx.clone();
-            threads.push(
-                std::thread::Builder::new()
+            let spawned = (|| {
+                let poll = Poll::new()?;
+                let waker = Waker::new(poll.registry(), WAKE)?;
+                let (tx, rx) = mpsc::channel();
+                let ctx = ctx.clone();
+                let thread = std::thread::Builder::new()
                     .name(format!("bench-recv-{i}"))
-                    .spawn(move || Thread::new(ctx, i).run(poll, rx))?,
-            );
-            inlets.push((tx, waker));
+                    .spawn(move || Thread::new(ctx, i).run(poll, rx))?;
+                Ok::<_, io::Error>((thread, tx, waker))
+            })();
+            match spawned {
+                Ok((thread, tx, waker)) => {
+                    started.threads.push(thread);
+                    inlets.push((tx, waker));
+                }
+                Err(e) => {
+                    // Dropping `started` stops the threads already running.
+                    started.inlets = Arc::new(Inlets { inlets });
+                    return Err(e);
+                }
+            }
         }
-        Ok(Self {
-            inlets: Arc::new(Inlets { inlets }),
-            threads,
-        })
+        started.inlets = Arc::new(Inlets { inlets });
+        Ok(started)
     }
 
     /// Where subscriber tasks hand over their connections.
