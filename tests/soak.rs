@@ -110,6 +110,37 @@ impl Daemon {
             .count()
     }
 
+    /// What each open fd of the daemon points at, for failure messages.
+    fn fd_targets(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| {
+                        let target = std::fs::read_link(e.path())
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_else(|_| "?".into());
+                        format!("{}->{target}", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// The daemon's fd count at rest. A single sample can include the
+    /// server side of an admin request whose client already saw EOF (the
+    /// daemon closes that fd a moment later), which would make an exact
+    /// baseline one too high: take the least of samples over half a second.
+    async fn fds_at_rest(&self) -> usize {
+        let mut least = usize::MAX;
+        for _ in 0..10 {
+            least = least.min(self.fds());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        least
+    }
+
     fn rss_bytes(&self) -> u64 {
         proc_status(self.pid(), "VmRSS:") * 1024
     }
@@ -258,7 +289,8 @@ async fn settle(daemon: &Daemon, what: &str, within: Duration, baseline_fds: usi
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: connections {conns} (want 1), subscriptions {subs} (want 0), fds {fds} (want {baseline_fds})"
+            "{what}: connections {conns} (want 1), subscriptions {subs} (want 0), fds {fds} (want {baseline_fds}): {:?}",
+            daemon.fd_targets()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -302,7 +334,11 @@ async fn churn_soak_returns_to_baseline() {
         assert!(Instant::now() < deadline, "publisher not counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let baseline_fds = daemon.fds();
+    let baseline_fds = daemon.fds_at_rest().await;
+    eprintln!(
+        "soak: baseline fds {baseline_fds}: {:?}",
+        daemon.fd_targets()
+    );
     let baseline_threads = daemon.threads();
     let opened_before = daemon.gauge("wsbroker_connections_opened_total").await;
     let mut rss = Vec::new();
