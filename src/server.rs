@@ -204,7 +204,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let material = TlsMaterial::load(&settings.tls, dev_cert.as_ref())?;
     crate::metrics::record_tls_cert(metrics, &material.certified.cert);
     crate::metrics::record_max_connections(metrics, settings.server.max_connections);
-    let tls = TlsState::new(material.server_config()?);
+    let tls = TlsState::new(material.server_configs()?);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
     let mut listeners = Vec::new();
@@ -289,7 +289,7 @@ impl RunningServer {
     /// Applies what a reload may change; returns the keys that need a restart.
     pub fn reload(&self, new: Settings) -> Result<Vec<String>, ServerError> {
         let material = TlsMaterial::load(&new.tls, self.shared.dev_cert.as_ref())?;
-        let config = material.server_config()?;
+        let config = material.server_configs()?;
         let origins = OriginPolicy::new(&new.origins.allow, new.origins.allow_missing)
             .map_err(|e| ServerError::Origins(e.to_string()))?;
         self.shared.tls.replace(config);
@@ -437,6 +437,15 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, id: u64, slot: Slot, shared: A
 
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// The TLS handshake, with the configuration chosen from the ClientHello
+/// (suite order: see `tls`). Both steps answer a bad hello with its alert.
+async fn tls_accept(tcp: TcpStream, shared: &Shared) -> std::io::Result<ServerTls> {
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let config = shared.tls.config_for(&start.client_hello());
+    start.into_stream(config).await
+}
+
 async fn upgrade(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -446,9 +455,8 @@ async fn upgrade(
 ) -> Option<(ServerTls, Vec<u8>, crate::connection::Context)> {
     let settings = shared.settings.load_full();
     let budget = settings.server.handshake_timeout;
-    let acceptor = shared.tls.acceptor();
     let upgraded = tokio::time::timeout(budget, async {
-        let mut tls = match acceptor.accept(tcp).await {
+        let mut tls = match tls_accept(tcp, shared).await {
             Ok(tls) => tls,
             Err(e) => {
                 reject(shared, peer, RejectReason::Tls, &e.to_string());

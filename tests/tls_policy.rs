@@ -366,6 +366,95 @@ async fn tls12_only_and_tls13_clients_work_with_aead_forward_secret_suites() {
     }
 }
 
+/// A TLS client offering exactly `suites`, in this order.
+fn client_offering(
+    suites: &[rustls::CipherSuite],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    server_ca: &CertificateDer<'static>,
+) -> Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites
+        .iter()
+        .map(|want| {
+            *rustls::crypto::ring::ALL_CIPHER_SUITES
+                .iter()
+                .find(|s| s.suite() == *want)
+                .expect("ring has the suite")
+        })
+        .collect();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots(server_ca))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+#[tokio::test]
+async fn aes_128_is_preferred_unless_the_client_puts_chacha20_first() {
+    use rustls::CipherSuite::*;
+    let srv = TestServer::start(&[]).await;
+    let tls13 = &[&rustls::version::TLS13][..];
+    let tls12 = &[&rustls::version::TLS12][..];
+    let cases = [
+        // OpenSSL's default order (Node, Python, curl): AES-256 first.
+        (
+            tls13,
+            vec![
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256,
+                TLS13_AES_128_GCM_SHA256,
+            ],
+            TLS13_AES_128_GCM_SHA256,
+        ),
+        // A device without AES hardware: ChaCha20 first is honoured.
+        (
+            tls13,
+            vec![
+                TLS13_CHACHA20_POLY1305_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_AES_128_GCM_SHA256,
+            ],
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        // Only AES-256 offered: still served.
+        (
+            tls13,
+            vec![TLS13_AES_256_GCM_SHA384],
+            TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            tls12,
+            vec![
+                TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            tls12,
+            vec![
+                TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    for (versions, offered, want) in cases {
+        let tls = connect(
+            &srv,
+            client_offering(&offered, versions, &srv.cert.cert_der),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("handshake offering {offered:?}: {e}"));
+        let got = tls.get_ref().1.negotiated_cipher_suite().expect("suite");
+        assert_eq!(got.suite(), want, "offered {offered:?}");
+        ws_round_trip(tls, srv.addr.port()).await;
+    }
+}
+
 /// A harness server whose config file also sets `min_version = "1.3"`.
 async fn start_tls13_only() -> TestServer {
     let cert = make_cert();
