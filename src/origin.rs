@@ -45,6 +45,17 @@ pub enum OriginError {
         /// The offending pattern (truncated, control characters escaped).
         value: String,
     },
+    /// A `*.` pattern over a public suffix (`*.com`, `*.co.uk`, `*.github.io`):
+    /// it would admit every site anyone can register there.
+    #[error(
+        "`{value}`: `*.{suffix}` would allow every site under the public suffix `{suffix}`; list the sites, or use a wildcard under a domain you control (`*.yours.{suffix}`)"
+    )]
+    PublicSuffix {
+        /// The offending pattern (truncated, control characters escaped).
+        value: String,
+        /// The public suffix, lowercased.
+        suffix: String,
+    },
     /// An `origins.allow` entry is invalid.
     #[error("origins.allow[{index}]: {error}")]
     Entry {
@@ -120,6 +131,15 @@ fn check_name(host: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// True when `name` is itself a suffix on the Public Suffix List (ICANN or
+/// private section: `com`, `co.uk`, `github.io`). Names the list does not
+/// know (`localhost`, `internal`) are not: the list's implicit `*` rule
+/// would make every unknown TLD one, and `*.localhost` is a fine pattern.
+fn is_public_suffix(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    psl::suffix(lower.as_bytes()).is_some_and(|s| s.is_known() && s.as_bytes() == lower.as_bytes())
 }
 
 /// Splits `s` into scheme, host and port; `None` for the literal `null`.
@@ -205,6 +225,12 @@ fn parse_parts(s: &str, wildcards: bool) -> Result<Option<Parts<'_>>, OriginErro
                     return Err(wildcard());
                 }
                 check_name(suffix).map_err(syntax)?;
+                if is_public_suffix(suffix) {
+                    return Err(OriginError::PublicSuffix {
+                        value: echo(s),
+                        suffix: suffix.to_ascii_lowercase(),
+                    });
+                }
                 RawHost::Subdomains(suffix)
             }
             _ if host.contains('*') => return Err(wildcard()),
@@ -723,6 +749,38 @@ mod tests {
     }
 
     #[test]
+    fn wildcards_over_a_public_suffix_are_errors() {
+        for (bad, suffix) in [
+            ("https://*.com", "com"),
+            ("https://*.CO.UK", "co.uk"),
+            ("https://*.github.io:*", "github.io"),
+            ("http://*.uk", "uk"),
+        ] {
+            let err = OriginPattern::parse(bad).expect_err(bad);
+            assert_eq!(
+                err,
+                OriginError::PublicSuffix {
+                    value: bad.to_string(),
+                    suffix: suffix.to_string()
+                }
+            );
+            assert!(err.to_string().contains("public suffix"), "{err}");
+        }
+        // A registrable domain under them, and names the list does not know.
+        for ok in [
+            "https://*.example.com",
+            "https://*.example.co.uk",
+            "https://*.me.github.io",
+            "http://*.localhost:*",
+            "https://*.corp.internal",
+            // Exact hosts are never wildcards, whatever they are.
+            "https://github.io",
+        ] {
+            assert!(OriginPattern::parse(ok).is_ok(), "{ok} refused");
+        }
+    }
+
+    #[test]
     fn bad_patterns_are_errors() {
         for bad in [
             "",
@@ -847,6 +905,8 @@ mod tests {
         ) {
             // `s.h.evil` is a genuine subdomain of h when h ends with `.evil`.
             prop_assume!(h.rsplit('.').next() != Some("evil"));
+            // `*.com` and the like are refused (wildcards_over_a_public_suffix_are_errors).
+            prop_assume!(!is_public_suffix(&h));
             let p = pat(&format!("https://*.{h}"));
             let subdomain = format!("https://{s}.{h}");
             let nested = format!("https://{s}.{s}.{h}");

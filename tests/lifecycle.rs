@@ -751,6 +751,17 @@ fn check_config_exit_codes_and_one_line_per_problem() {
             config_text(&missing, &cert.key_path, &[ORIGIN], "", ""),
             format!("tls.cert: file not found: {}", missing.display()),
         ),
+        (
+            "wildcard over a public suffix",
+            config_text(
+                &cert.cert_path,
+                &cert.key_path,
+                &[ORIGIN, "https://*.github.io"],
+                "",
+                "",
+            ),
+            "origins.allow[1]: `https://*.github.io`: `*.github.io` would allow every site under the public suffix `github.io`".to_string(),
+        ),
     ];
     for (what, text, expected) in &cases {
         let bad = cert.dir.path().join("bad.toml");
