@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use wsbroker::broker::{Broker, Subscriber};
 use wsbroker::config::Overflow;
-use wsbroker::origin::{Origin, OriginPattern, OriginPolicy};
+use wsbroker::origin::{Origin, OriginError, OriginPattern, OriginPolicy};
 use wsbroker::protocol::{self, Command, ErrorCode};
 use wsbroker::queue::{Outbox, QueueLimits, Queued};
 use wsbroker::topics::TopicIndex;
@@ -270,7 +270,13 @@ proptest! {
         glue in label(),
         mask: u64,
     ) {
-        let policy = OriginPolicy::new(&[format!("https://*.{d}")], false).expect("policy");
+        let policy = OriginPolicy::new(&[format!("https://*.{d}")], false);
+        // `*.tw`, `*.co.uk`: refused at load (origin.rs unit tests); the
+        // property is about the patterns that load.
+        if let Err(OriginError::Entry { error, .. }) = &policy {
+            prop_assume!(!matches!(**error, OriginError::PublicSuffix { .. }));
+        }
+        let policy = policy.expect("policy");
         let ok = |o: String| policy.check(Some(&o)).is_ok();
         let check = ok(format!("https://{sub}.{d}"));
         prop_assert!(check);
