@@ -250,12 +250,12 @@ impl TlsMaterial {
     }
 
     /// Builds one rustls server configuration (ALPN `http/1.1`).
-    pub fn server_config(&self, order: SuiteOrder) -> Result<Arc<ServerConfig>, TlsError> {
+    fn server_config(&self, order: SuiteOrder) -> Result<Arc<ServerConfig>, TlsError> {
         let versions: &[&'static rustls::SupportedProtocolVersion] = match self.min_version {
             TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let mut suites = rustls::crypto::ring::default_provider();
+        let mut suites = Arc::unwrap_or_clone(provider());
         if order == SuiteOrder::AesFirst {
             // Stable: TLS 1.3 before 1.2 and ECDSA before RSA stay as they are.
             suites.cipher_suites.sort_by_key(|s| bulk_rank(s.suite()));
@@ -282,7 +282,7 @@ impl TlsMaterial {
 
 /// Whose cipher-suite order a server configuration follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SuiteOrder {
+enum SuiteOrder {
     /// The server's: AES-128-GCM, then AES-256-GCM, then ChaCha20-Poly1305.
     AesFirst,
     /// The client's.
