@@ -238,17 +238,27 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
         N
     );
     // The stalled one was cut: draining it ends in a 1008 close or the TCP close.
+    let mut drained = 0u64;
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match stalled.next().await {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
+                Some(Ok(_)) => drained += 1,
                 Some(Err(_)) | None => return None,
             }
         }
     })
-    .await
-    .expect("stalled connection closed by the server");
+    .await;
+    let Ok(ended) = ended else {
+        // Seen once in ~20 runs beside two busy loops, never in CI so far:
+        // say whether the server still holds the connection (it was never
+        // cut) or the bytes stopped flowing to a closed one.
+        panic!(
+            "stalled connection not closed within 30 s: {drained} frames drained; \
+             connections the server still holds (id, occupancy): {:?}",
+            srv.server.shared().broker.occupancies()
+        );
+    };
     if let Some(code) = ended {
         assert_eq!(code, 1008);
     }
