@@ -258,11 +258,10 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
     })
     .await;
     let Ok(ended) = ended else {
-        // Seen 3 times in ~130 runs of this file beside two busy loops, with
-        // the former 4 KiB receive buffer (see RESUMING_RCVBUF; never in CI):
-        // the server had already let the connection go, and the client had
-        // drained ~945 frames, then nothing more came, neither data nor FIN.
-        // Say which side holds it if it happens again.
+        // Seen 3 times in ~130 runs of this file beside two busy loops (never
+        // in CI): the server had already let the connection go, and the
+        // client had drained ~945 frames, then nothing more came, neither
+        // data nor FIN. Say which side holds it if it happens again.
         panic!(
             "stalled connection not closed within 30 s: {drained} frames drained; \
              connections the server still holds (id, occupancy): {:?}",
