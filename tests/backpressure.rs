@@ -14,14 +14,13 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A TLS connection whose socket has a receive buffer of `rcvbuf` bytes, so
-/// that when the client stops reading the server's writes block quickly.
+/// A TLS connection whose socket has a tiny receive buffer, so that when the
+/// client stops reading the server's writes block quickly.
 async fn small_window_tls(
     srv: &TestServer,
-    rcvbuf: u32,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(rcvbuf).expect("rcvbuf");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
     let tcp = socket.connect(srv.addr).await.expect("connect");
     let connector = tokio_rustls::TlsConnector::from(srv.tls.clone());
     connector
@@ -30,16 +29,9 @@ async fn small_window_tls(
         .expect("tls")
 }
 
-/// The receive buffer of a client that stops reading and later resumes.
-/// Small next to the ~20 MB published, but not tiny: with 4 KiB (too small
-/// for TCP window scaling, and under one loopback segment) the resumed flow
-/// sometimes stalled for seconds, 4 times in ~230 runs beside two busy
-/// loops (most likely the sender waiting out its zero-window probe backoff).
-const RESUMING_RCVBUF: u32 = 256 * 1024;
-
 /// A WebSocket client over [`small_window_tls`].
 async fn stalled_client(srv: &TestServer) -> Ws {
-    let tls = small_window_tls(srv, RESUMING_RCVBUF).await;
+    let tls = small_window_tls(srv).await;
     let mut req = format!("wss://localhost:{}/ws", srv.addr.port())
         .into_client_request()
         .expect("request");
@@ -305,8 +297,7 @@ async fn stalled_reader_with_disconnect_is_closed_and_others_carry_on() {
 async fn a_stuck_slow_consumer_is_cut_without_waiting_for_goodbyes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let srv = TestServer::start(&settings("disconnect")).await;
-    // Never reads again: the tiniest buffer fills at once.
-    let mut stuck = small_window_tls(&srv, 4096).await;
+    let mut stuck = small_window_tls(&srv).await;
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n"
     );
