@@ -50,6 +50,8 @@ pub struct Broker {
     registry: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Subscriber>>>,
     metrics: &'static Metrics,
     drop_log: crate::logging::RateLimit,
+    /// Its own limit, so a storm of drops never hides a disconnect.
+    disconnect_log: crate::logging::RateLimit,
 }
 
 impl Broker {
@@ -60,6 +62,7 @@ impl Broker {
             registry: parking_lot::Mutex::new(std::collections::HashMap::new()),
             metrics,
             drop_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
+            disconnect_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
         }
     }
 
@@ -145,12 +148,15 @@ impl Broker {
                 Push::Disconnect => {
                     fanout.dropped += 1;
                     fanout.disconnected += 1;
-                    tracing::warn!(
-                        conn = sub.id,
-                        peer = %sub.peer,
-                        subscriptions = sub.subscription_count(),
-                        "slow consumer: outbound queue full, disconnecting"
-                    );
+                    if let Some(suppressed) = self.disconnect_log.allow() {
+                        tracing::warn!(
+                            conn = sub.id,
+                            peer = %sub.peer,
+                            subscriptions = sub.subscription_count(),
+                            suppressed,
+                            "slow consumer: outbound queue full, disconnecting"
+                        );
+                    }
                 }
                 Push::Closed => {}
             });
@@ -186,5 +192,103 @@ impl Broker {
     /// Total subscriptions.
     pub fn subscription_count(&self) -> usize {
         self.index.read().subscription_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overflow;
+    use crate::queue::QueueLimits;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    /// Collects what the fmt layer writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn subscriber(id: u64, overflow: Overflow) -> Arc<Subscriber> {
+        Arc::new(Subscriber {
+            id,
+            outbox: Arc::new(Outbox::new(QueueLimits {
+                capacity: 1,
+                max_bytes: 1 << 20,
+                overflow,
+            })),
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 40_000 + id as u16)),
+            subscriptions: AtomicUsize::new(2),
+        })
+    }
+
+    /// CONTRACT §5: drops and slow-consumer disconnects are logged with the
+    /// connection's id, peer address and subscription count, rate-limited.
+    #[test]
+    fn slow_consumer_logs_name_the_connection_and_are_rate_limited() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let logger = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let broker = Broker::new(crate::metrics::metrics());
+        let dropping = subscriber(7, Overflow::DropOldest);
+        broker.subscribe("t", &dropping);
+        let cut: Vec<_> = (100..150)
+            .map(|id| subscriber(id, Overflow::Disconnect))
+            .collect();
+        for sub in &cut {
+            broker.subscribe("t", sub);
+        }
+        let frame = Bytes::from_static(b"frame");
+        let (mut dropped, mut disconnected) = (0, 0);
+        tracing::subscriber::with_default(logger, || {
+            for _ in 0..100 {
+                let f = broker.publish("t", &frame);
+                dropped += f.dropped;
+                disconnected += f.disconnected;
+            }
+        });
+        assert_eq!(disconnected, 50, "each full Disconnect queue is cut once");
+        assert!(dropped >= 99 + 50, "dropped {dropped}");
+        let text = String::from_utf8(capture.0.lock().expect("capture").clone()).expect("utf-8");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json log line"))
+            .collect();
+        let with = |msg: &str| -> Vec<&serde_json::Value> {
+            lines
+                .iter()
+                .filter(|l| {
+                    l["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with(msg))
+                })
+                .collect()
+        };
+        // Within one second, one line each, however many events.
+        let drops = with("dropping messages");
+        assert_eq!(drops.len(), 1, "{text}");
+        assert_eq!(drops[0]["fields"]["conn"], 7);
+        assert_eq!(drops[0]["fields"]["peer"], "127.0.0.1:40007");
+        assert_eq!(drops[0]["fields"]["subscriptions"], 2);
+        let cuts = with("disconnecting");
+        assert_eq!(cuts.len(), 1, "{text}");
+        assert_eq!(cuts[0]["fields"]["conn"], 100);
+        assert_eq!(cuts[0]["fields"]["peer"], "127.0.0.1:40100");
+        assert_eq!(cuts[0]["fields"]["subscriptions"], 2);
+        assert_eq!(cuts[0]["fields"]["suppressed"], 0);
     }
 }

@@ -359,18 +359,19 @@ async fn read_loop<S>(
         match rate.check(now) {
             Rate::Ok => {}
             Rate::Excess => {
-                if matches!(msg, Message::Text(_) | Message::Binary(_))
-                    && !reply(
-                        outbox,
-                        protocol::encode_error(
-                            None,
-                            ErrorCode::Limit,
-                            "inbound rate limit exceeded",
-                        ),
-                    )
-                    .await
-                {
-                    return;
+                // The refused request is not parsed, but its `id` is read so
+                // the client can tell which request the error answers (§4).
+                let id = match &msg {
+                    Message::Text(text) => Some(protocol::request_id(text.as_str())),
+                    Message::Binary(_) => Some(None),
+                    _ => None,
+                };
+                if let Some(id) = id {
+                    let err =
+                        protocol::encode_error(id, ErrorCode::Limit, "inbound rate limit exceeded");
+                    if !reply(outbox, err).await {
+                        return;
+                    }
                 }
                 continue;
             }

@@ -89,6 +89,9 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
     let mut int = signal(SignalKind::interrupt()).map_err(io)?;
     let settings = Settings::load(&opts)?;
     crate::logging::init(&settings.log)?;
+    for w in settings.warnings() {
+        warn!("{w}");
+    }
     if let Some(limit) = raise_nofile_limit() {
         // Each connection costs one fd; keep some for listeners, files, admin.
         let needed = settings.server.max_connections as u64 + 64;

@@ -104,7 +104,10 @@ fn main() -> ExitCode {
                 env: None,
             };
             match Settings::load(&opts) {
-                Ok(_) => {
+                Ok(settings) => {
+                    for w in settings.warnings() {
+                        eprintln!("warning: {w}");
+                    }
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS
                 }

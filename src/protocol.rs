@@ -188,15 +188,21 @@ fn valid_id(id: Option<&RawValue>) -> bool {
     }
 }
 
+/// The valid `id` of a frame, read without parsing the rest: for answering
+/// a request that is refused before it is parsed (the inbound rate limit).
+pub fn request_id(text: &str) -> Option<&RawValue> {
+    serde_json::from_str::<IdOnly<'_>>(text)
+        .ok()
+        .and_then(|r| r.id)
+        .filter(|id| valid_id(Some(id)))
+}
+
 /// Parses one text frame into a command, or the error to answer with.
 pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
     let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| {
         // Well-formed JSON with a mistyped or repeated field still gets its
         // `id` back (CONTRACT §4), read on its own from the same text.
-        let id = serde_json::from_str::<IdOnly<'_>>(text)
-            .ok()
-            .and_then(|r| r.id)
-            .filter(|id| valid_id(Some(id)));
+        let id = request_id(text);
         let what = if e.is_data() {
             "invalid command"
         } else {

@@ -1336,6 +1336,8 @@ async fn publish_flood_gets_limit_errors_then_close_1008() {
     let (mut acks, mut limits) = (0, 0);
     while acks + limits < 120 {
         let reply = recv(&mut burst).await;
+        // Every request is answered in order, a refused one with its own id.
+        assert_eq!(reply["id"], acks + limits, "{reply}");
         match reply["type"].as_str() {
             Some("ack") => acks += 1,
             Some("error") => {

@@ -713,6 +713,27 @@ fn check_config_exit_codes_and_one_line_per_problem() {
     .expect("config");
     let (code, err) = check_config(&good);
     assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "no warnings for a plain file: {err}");
+
+    // Valid but suspicious: accepted (exit 0), with a warning naming the key.
+    let short_idle = cert.dir.path().join("short_idle.toml");
+    std::fs::write(
+        &short_idle,
+        config_text(
+            &cert.cert_path,
+            &cert.key_path,
+            &[ORIGIN],
+            "",
+            "idle_timeout = \"2s\"",
+        ),
+    )
+    .expect("config");
+    let (code, err) = check_config(&short_idle);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("warning: connection.idle_timeout: 2s is not longer than connection.ping_interval (20s)"),
+        "{err}"
+    );
 
     let missing = cert.dir.path().join("nope/cert.pem");
     let cases: Vec<(&str, String, String)> = vec![

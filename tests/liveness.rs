@@ -164,6 +164,38 @@ async fn a_client_that_never_answers_pings_is_closed_1001_then_cut() {
     );
 }
 
+/// The contract bounds `idle_timeout` by nothing: shorter than the ping
+/// interval (here the default 20 s) it is accepted and cuts a quiet client
+/// before any ping goes out, even one that would answer pings.
+#[tokio::test]
+async fn an_idle_timeout_shorter_than_the_ping_interval_is_accepted_and_enforced() {
+    let overrides = [("WSBROKER__CONNECTION__IDLE_TIMEOUT", "1s")];
+    let cert = make_cert();
+    let settings = settings(&cert, &overrides);
+    assert_eq!(settings.connection.ping_interval, Duration::from_secs(20));
+    let warnings = settings.warnings();
+    assert!(
+        warnings.len() == 1 && warnings[0].starts_with("connection.idle_timeout: "),
+        "{warnings:?}"
+    );
+    let srv = TestServer::start(&overrides).await;
+    let mut ws = srv.ws().await;
+    let start = Instant::now();
+    let end = timeout(WAIT, ws.next()).await.expect("closed within WAIT");
+    let elapsed = start.elapsed();
+    match end {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1001);
+            assert_eq!(frame.reason.as_str(), "idle timeout");
+        }
+        other => panic!("expected close 1001 \"idle timeout\", got {other:?}"),
+    }
+    assert!(
+        elapsed >= Duration::from_millis(800) && elapsed <= Duration::from_millis(3000),
+        "closed after {elapsed:?}, idle_timeout is 1s"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_answers_pings_outlives_several_idle_timeouts() {
     let srv = TestServer::start(&[
