@@ -24,7 +24,7 @@ use crate::broker::{Broker, Subscriber};
 use crate::config::ConnectionSettings;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, Command, ErrorCode};
-use crate::queue::{CloseRequest, Flag, Outbox, QueueLimits, Queued};
+use crate::queue::{CloseRequest, Flag, Outbox, QueueLimits, Queued, PEER_CLOSED};
 
 /// WebSocket read buffer per connection: enough for typical commands without
 /// the 128 KiB library default (and its per-read memset). Larger messages
@@ -47,8 +47,9 @@ pub fn ws_config(max_message_size: usize) -> WebSocketConfig {
 }
 
 /// The stream tungstenite sees: reads come from the TLS read half; what it
-/// writes (Pongs, the echo of a client's close) becomes control frames in the
-/// outbox, which the writer task sends ahead of queued data. The writer owns
+/// writes becomes control frames in the outbox: Pongs go ahead of queued
+/// data, the echo of a client's Close goes after the replies already queued
+/// and ends the queue. The writer owns
 /// the TLS write half, so message frames, built once per publish, go from the
 /// outbox to rustls without being framed again per subscriber.
 pub struct ReadSide<R> {
@@ -73,8 +74,26 @@ impl<R: Unpin> AsyncWrite for ReadSide<R> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         // tungstenite writes whole frames from its buffer, so each write is
-        // one or more complete frames.
-        self.outbox.control(Bytes::copy_from_slice(buf));
+        // one or more complete frames: Pongs and the echo of a Close, all
+        // control frames (payload <= 125, so a 2-byte header).
+        let mut rest = buf;
+        while rest.len() >= 2 {
+            let len = usize::from(rest[1] & 0x7f);
+            if len > 125 || rest.len() < 2 + len {
+                // Not a control frame as expected: pass it on whole.
+                self.outbox.control(Bytes::copy_from_slice(rest));
+                break;
+            }
+            let (frame, tail) = rest.split_at(2 + len);
+            if frame[0] & 0x0f == 0x8 {
+                // The echo goes after the replies already queued, and
+                // nothing goes after it.
+                self.outbox.close_echo(Bytes::copy_from_slice(frame));
+            } else {
+                self.outbox.control(Bytes::copy_from_slice(frame));
+            }
+            rest = tail;
+        }
         std::task::Poll::Ready(Ok(buf.len()))
     }
 
@@ -128,9 +147,6 @@ fn close_request(code: u16, reason: &'static str, label: CloseReason) -> CloseRe
         label,
     }
 }
-
-/// The peer started the close (or vanished): finish the handshake, nothing more.
-const PEER_CLOSED: u16 = 0;
 
 /// Runs a connection to its end, from the first byte after the 101. The
 /// writer is a task of its own, so a publish wakes only the writers (never
@@ -350,8 +366,9 @@ async fn read_loop<S>(
             continue;
         }
         if matches!(msg, Message::Close(_)) {
-            // tungstenite queued the echo; flushing hands it to the writer
-            // (as a control frame) before the close request below.
+            // tungstenite queued the echo; flushing hands it to the outbox
+            // (`Outbox::close_echo`: after the replies already queued, and
+            // closing it). The request below is the fallback if it did not.
             let _ = futures_util::SinkExt::flush(stream).await;
             outbox.close(close_request(PEER_CLOSED, "", CloseReason::Client));
             return;

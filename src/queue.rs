@@ -105,6 +105,10 @@ pub enum Push {
     Closed,
 }
 
+/// The close code of a [`CloseRequest`] for a connection the peer closed (or
+/// lost): the writer sends no Close of its own.
+pub const PEER_CLOSED: u16 = 0;
+
 /// Why the writer should close the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseRequest {
@@ -267,7 +271,7 @@ impl Outbox {
         }
     }
 
-    /// Queues a control frame (Pong, the echo of a close) ahead of all data;
+    /// Queues a control frame (a Pong) ahead of all data;
     /// never waits and never drops. Control frames only come from the peer's
     /// own frames, which the inbound rate limit bounds.
     pub fn control(&self, frame: Bytes) {
@@ -287,6 +291,32 @@ impl Outbox {
         if was_empty {
             self.writer.notify_one();
         }
+    }
+
+    /// Queues the echo of the peer's Close behind every reply already
+    /// queued (they answer requests the peer sent before its Close) and
+    /// closes the outbox, so no frame follows the echo (RFC 6455 §5.5.1).
+    /// Queued messages are abandoned. Ignored once the connection is
+    /// closing: our own Close is then the last frame.
+    pub fn close_echo(&self, frame: Bytes) {
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return;
+        }
+        inner.queue.push_back(Queued {
+            frame,
+            enqueued: Instant::now(),
+            reply: true,
+        });
+        inner.close = Some(CloseRequest {
+            code: PEER_CLOSED,
+            reason: "",
+            label: crate::metrics::CloseReason::Client,
+        });
+        self.closing.set();
+        drop(inner);
+        self.writer.notify_one();
+        self.reply_space.notify_waiters();
     }
 
     /// Moves everything queued into `out` (which must be empty) and returns
@@ -510,11 +540,43 @@ mod tests {
         let now = Instant::now();
         o.push(&frame("m1"), now);
         o.control(frame("pong"));
-        o.control(frame("close"));
-        o.push(&frame("m2"), now);
-        assert_eq!(drain(&o), vec!["pong", "close", "m1", "m2"]);
         o.control(frame("pong2"));
-        assert_eq!(drain(&o), vec!["pong2"]);
+        o.push(&frame("m2"), now);
+        assert_eq!(drain(&o), vec!["pong", "pong2", "m1", "m2"]);
+        o.control(frame("pong3"));
+        assert_eq!(drain(&o), vec!["pong3"]);
+    }
+
+    /// RFC 6455 §5.5.1: after the echo of the peer's Close nothing may be
+    /// sent; the replies the peer asked for before closing still go first.
+    #[tokio::test]
+    async fn a_close_echo_follows_the_replies_and_ends_the_queue() {
+        let o = outbox(10, 1000, Overflow::DropOldest);
+        let now = Instant::now();
+        assert!(o.reply(frame("ack1")).await);
+        o.push(&frame("m1"), now);
+        o.control(frame("pong"));
+        assert!(o.reply(frame("ack2")).await);
+        o.close_echo(frame("close-echo"));
+        assert!(o.is_closing());
+        // Nothing is queued after the echo.
+        assert_eq!(o.push(&frame("m2"), now), Push::Closed);
+        assert!(!o.reply(frame("ack3")).await);
+        o.close_echo(frame("second echo"));
+        let mut out = VecDeque::new();
+        let close = o.take(&mut out).expect("closing");
+        assert_eq!(close.code, PEER_CLOSED);
+        assert_eq!(close.label, crate::metrics::CloseReason::Client);
+        let frames: Vec<_> = out.iter().map(|q| q.frame.clone()).collect();
+        assert_eq!(
+            frames,
+            vec![
+                frame("pong"),
+                frame("ack1"),
+                frame("ack2"),
+                frame("close-echo")
+            ]
+        );
     }
 
     #[tokio::test]

@@ -173,8 +173,16 @@ pub fn generate_dev_cert() -> Result<DevCert, TlsError> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    let generated =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Dev(e.to_string()))?;
+    let dev = |e: rcgen::Error| TlsError::Dev(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names).map_err(dev)?;
+    // rcgen's default validity (1975 to 4096) is flagged by TLS scanners; a
+    // year from a day ago covers any dev run and clock skew.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365);
+    let signing_key = rcgen::KeyPair::generate().map_err(dev)?;
+    let cert = params.self_signed(&signing_key).map_err(dev)?;
+    let generated = rcgen::CertifiedKey { cert, signing_key };
     let cert_der = generated.cert.der().clone();
     let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
     let certified = certified_key(
@@ -393,6 +401,14 @@ mod tests {
     fn dev_cert_builds_a_server_config() {
         let dev = generate_dev_cert().expect("dev cert");
         assert!(dev.cert_pem.contains("BEGIN CERTIFICATE"));
+        // Valid for a year from now, not rcgen's 1975..4096.
+        let not_after = crate::metrics::cert_not_after(&dev.certified.cert[0]).expect("notAfter");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let year = 365 * 86_400;
+        assert!(
+            (now + year - 60..=now + year + 60).contains(&not_after),
+            "{not_after}"
+        );
         let settings = TlsSettings {
             cert: None,
             key: None,

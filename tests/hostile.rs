@@ -965,6 +965,63 @@ async fn websocket_protocol_violations_get_the_contract_close_codes() {
     w.finish().await;
 }
 
+/// Requests sent just before a client's Close are answered before the echo
+/// of the Close, and nothing follows the echo (RFC 6455 §5.5.1; browsers
+/// report 1006 when data follows a Close). Requests and Close go in one
+/// write, the case where the echo used to overtake the acks.
+#[tokio::test]
+async fn replies_precede_the_close_echo_and_nothing_follows_it() {
+    let srv = TestServer::start(&[]).await;
+    for round in 0..10 {
+        let mut raw = Raw::open(&srv).await;
+        let sub = r#"{"op":"subscribe","topic":"bye.t","id":"s"}"#;
+        assert!(raw.write(&encode(FIN | TEXT, sub.as_bytes(), true)).await);
+        let ack: Value = serde_json::from_str(&raw.text().await).expect("json");
+        assert_eq!(ack, json!({"type":"ack","id":"s"}));
+        let mut burst = Vec::new();
+        for id in 0..3 {
+            let publish = json!({"op":"publish","topic":"bye.t","data":id,"id":id}).to_string();
+            burst.extend(encode(FIN | TEXT, publish.as_bytes(), true));
+        }
+        burst.extend(encode(FIN | CLOSE, &close_payload(1000, b"bye"), true));
+        assert!(raw.write(&burst).await);
+        let mut acks = Vec::new();
+        let code = loop {
+            match raw.next().await {
+                Some(f) if f.opcode == TEXT => {
+                    let v: Value = serde_json::from_slice(&f.payload).expect("json");
+                    match v["type"].as_str() {
+                        Some("ack") => acks.push(v["id"].clone()),
+                        // Its own messages may go out before the close or
+                        // be abandoned by it; either is fine.
+                        Some("message") => {}
+                        _ => panic!("round {round}: unexpected {v}"),
+                    }
+                }
+                Some(f) if f.opcode == CLOSE => {
+                    break u16::from_be_bytes([f.payload[0], f.payload[1]]);
+                }
+                Some(f) if f.opcode == PONG || f.opcode == PING => {}
+                other => panic!("round {round}: expected the close echo, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            code, 1000,
+            "round {round}: the echo carries the client's code"
+        );
+        assert_eq!(
+            acks,
+            vec![json!(0), json!(1), json!(2)],
+            "round {round}: every ack, before the echo"
+        );
+        // The echo is the last frame: then the end of the stream.
+        assert!(
+            raw.next().await.is_none(),
+            "round {round}: a frame after the close echo"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // HTTP and TLS
 // ---------------------------------------------------------------------------
