@@ -68,10 +68,16 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
 }
 
+/// `tls.cert` when the file does not set it (outside `--dev`).
+pub const DEFAULT_CERT: &str = "/etc/wsbroker/tls/cert.pem";
+/// `tls.key` when the file does not set it (outside `--dev`).
+pub const DEFAULT_KEY: &str = "/etc/wsbroker/tls/key.pem";
+
 /// `[tls]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
-    /// PEM certificate chain, leaf first; `None` only in dev mode (generated).
+    /// PEM certificate chain, leaf first; `None` only in dev mode (generated)
+    /// when the file sets neither path.
     pub cert: Option<PathBuf>,
     /// PEM private key; `None` only in dev mode (generated).
     pub key: Option<PathBuf>,
@@ -591,15 +597,13 @@ fn from_tree(
             values,
             errors: &mut errors,
         };
-        let cert = s.path("cert");
-        let key = s.path("key");
+        let mut cert = s.path("cert");
+        let mut key = s.path("key");
         if !dev {
-            if cert.is_none() {
-                s.err("cert", "required (path to a PEM certificate chain)");
-            }
-            if key.is_none() {
-                s.err("key", "required (path to a PEM private key)");
-            }
+            // The contract's paths are the defaults; a missing file is then
+            // reported as `tls.cert: file not found: /etc/wsbroker/tls/…`.
+            cert.get_or_insert_with(|| PathBuf::from(DEFAULT_CERT));
+            key.get_or_insert_with(|| PathBuf::from(DEFAULT_KEY));
         }
         if cert.is_some() != key.is_some() && dev {
             s.err("cert", "tls.cert and tls.key must be given together");
@@ -842,14 +846,22 @@ mod tests {
             "connection.overflow:",
             "connection.queue_capacity:",
             "bogus:",
-            "tls.cert: required",
-            "tls.key: required",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(key)),
                 "missing `{key}` in:\n{text}"
             );
         }
+    }
+
+    /// The contract's example paths are the defaults outside `--dev`.
+    #[test]
+    fn tls_paths_default_to_the_contracts() {
+        let s = load_str("[origins]\nallow = [\"https://a.com\"]\n", &[]).expect("valid");
+        assert_eq!(s.tls.cert.as_deref(), Some(Path::new(DEFAULT_CERT)));
+        assert_eq!(s.tls.key.as_deref(), Some(Path::new(DEFAULT_KEY)));
+        assert_eq!(DEFAULT_CERT, "/etc/wsbroker/tls/cert.pem");
+        assert_eq!(DEFAULT_KEY, "/etc/wsbroker/tls/key.pem");
     }
 
     #[test]

@@ -735,6 +735,25 @@ fn check_config_exit_codes_and_one_line_per_problem() {
         "{err}"
     );
 
+    // No [tls] at all: the contract's paths are the defaults, and their
+    // absence is reported by key (unless this machine has them).
+    if !Path::new(wsbroker::config::DEFAULT_CERT).exists()
+        && !Path::new(wsbroker::config::DEFAULT_KEY).exists()
+    {
+        let no_tls = cert.dir.path().join("no_tls.toml");
+        std::fs::write(&no_tls, "[origins]\nallow = [\"https://a.com\"]\n").expect("config");
+        let (code, err) = check_config(&no_tls);
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(
+            err.lines().collect::<Vec<_>>(),
+            vec![
+                "tls.cert: file not found: /etc/wsbroker/tls/cert.pem",
+                "tls.key: file not found: /etc/wsbroker/tls/key.pem"
+            ],
+            "{err}"
+        );
+    }
+
     let missing = cert.dir.path().join("nope/cert.pem");
     let cases: Vec<(&str, String, String)> = vec![
         (
