@@ -44,9 +44,11 @@ pub enum ServerError {
     Origins(String),
 }
 
-/// Over-limit handshakes still answered with a 503; beyond this they are
-/// simply closed, so a flood cannot make us do TLS work for it.
-const MAX_REFUSING: usize = 64;
+/// Over-limit handshakes answered with a 503 at once; beyond this they are
+/// simply closed, so a flood cannot make us do TLS work for it. Large
+/// enough that a burst of a few hundred clients past the limit each get
+/// the contract's 503 (each refusal holds an fd and ~40 KB for a moment).
+pub const MAX_REFUSING: usize = 256;
 
 /// Counts connections in total and per source address.
 pub struct Limiter {
