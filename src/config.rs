@@ -79,7 +79,8 @@ pub struct TlsSettings {
     /// PEM certificate chain, leaf first; `None` only in dev mode (generated)
     /// when the file sets neither path.
     pub cert: Option<PathBuf>,
-    /// PEM private key; `None` only in dev mode (generated).
+    /// PEM private key; `None` only in dev mode (generated) when the file
+    /// sets neither path.
     pub key: Option<PathBuf>,
     /// Lowest protocol version offered.
     pub min_version: TlsMinVersion,
@@ -605,7 +606,8 @@ fn from_tree(
             cert.get_or_insert_with(|| PathBuf::from(DEFAULT_CERT));
             key.get_or_insert_with(|| PathBuf::from(DEFAULT_KEY));
         }
-        if cert.is_some() != key.is_some() && dev {
+        // Only `--dev` can leave them unset (outside it both have defaults).
+        if cert.is_some() != key.is_some() {
             s.err("cert", "tls.cert and tls.key must be given together");
         }
         let min_version = match s.string("min_version", "1.2").as_str() {

@@ -379,16 +379,15 @@ async fn read_loop<S>(
                 // The refused request is not parsed, but its `id` is read so
                 // the client can tell which request the error answers (§4).
                 let id = match &msg {
-                    Message::Text(text) => Some(protocol::request_id(text.as_str())),
-                    Message::Binary(_) => Some(None),
-                    _ => None,
+                    Message::Text(text) => protocol::request_id(text.as_str()),
+                    Message::Binary(_) => None,
+                    // Control frames count against the budget but get no answer.
+                    _ => continue,
                 };
-                if let Some(id) = id {
-                    let err =
-                        protocol::encode_error(id, ErrorCode::Limit, "inbound rate limit exceeded");
-                    if !reply(outbox, err).await {
-                        return;
-                    }
+                let err =
+                    protocol::encode_error(id, ErrorCode::Limit, "inbound rate limit exceeded");
+                if !reply(outbox, err).await {
+                    return;
                 }
                 continue;
             }
