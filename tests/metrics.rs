@@ -497,6 +497,19 @@ fn counters(m: &str) -> HashMap<&'static str, f64> {
     SERIES.iter().map(|s| (*s, metric(m, s))).collect()
 }
 
+/// Every connection opened since `before` has been counted closed, under
+/// some reason. A scrape renders series one by one, so the gauge alone can
+/// reach 0 in the same scrape that still misses the last close.
+fn all_closed(m: &str, before: &HashMap<&'static str, f64>) -> bool {
+    let now = counters(m);
+    let closed: f64 = now
+        .iter()
+        .filter(|(k, _)| k.starts_with("wsbroker_connections_closed_total"))
+        .map(|(k, v)| v - before[k])
+        .sum();
+    closed == now["wsbroker_connections_opened_total"] - before["wsbroker_connections_opened_total"]
+}
+
 fn gauges_are(m: &str, conns: f64, subs: f64, topics: f64) -> bool {
     metric(m, "wsbroker_connections_active") == conns
         && metric(m, "wsbroker_subscriptions_active") == subs
@@ -742,7 +755,10 @@ async fn every_metric_moves_by_exactly_what_happened() {
     // Everyone else leaves.
     sub1.close().await;
     publ.close().await;
-    let m1 = wait_metrics(&d, "gauges back to 0", |m| gauges_are(m, 0.0, 0.0, 0.0)).await;
+    let m1 = wait_metrics(&d, "gauges back to 0, every close counted", |m| {
+        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &before)
+    })
+    .await;
     let after = counters(&m1);
     let delta = |k: &str| after[k] - before[k];
 
@@ -963,7 +979,10 @@ async fn clients_that_vanish_are_counted_as_client_closes() {
     rst.get_ref().get_ref().0.set_zero_linger().expect("linger");
     drop(rst);
 
-    let m1 = wait_metrics(&d, "everyone gone", |m| gauges_are(m, 0.0, 0.0, 0.0)).await;
+    let m1 = wait_metrics(&d, "everyone gone, every close counted", |m| {
+        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &before)
+    })
+    .await;
     drop(notify);
     let after = counters(&m1);
     let delta = |k: &str| after[k] - before[k];
