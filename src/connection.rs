@@ -217,8 +217,8 @@ where
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
         ctx.broker.deregister(ctx.id);
         let reason = writer.await.unwrap_or(CloseReason::Error);
-        // Counted as closed before it leaves the gauge, so a scrape that sees
-        // the gauge fall already finds the close in its reason's counter.
+        // Counted as closed before it leaves the gauge: the counter never lags
+        // the gauge (a scrape still reads series one by one; docs/metrics.md).
         m.closed(reason).increment(1);
         m.connections_active.decrement(1.0);
         info!(reason = reason.as_str(), "connection closed");
