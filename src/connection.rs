@@ -326,7 +326,7 @@ async fn read_loop<S>(
         let msg = match next {
             Some(Ok(msg)) => msg,
             None => {
-                outbox.close(close_request(PEER_CLOSED, "", CloseReason::Client));
+                outbox.close(CloseRequest::peer_closed(CloseReason::Client));
                 return;
             }
             Some(Err(e)) => {
@@ -340,18 +340,18 @@ async fn read_loop<S>(
                     // close_notify or RST): it left; nobody is there to
                     // read a 1002.
                     WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-                        close_request(PEER_CLOSED, "", CloseReason::Client)
+                        CloseRequest::peer_closed(CloseReason::Client)
                     }
                     WsError::Io(e) if peer_went_away(e) => {
-                        close_request(PEER_CLOSED, "", CloseReason::Client)
+                        CloseRequest::peer_closed(CloseReason::Client)
                     }
                     WsError::Protocol(_) => {
                         close_request(1002, "protocol error", CloseReason::Error)
                     }
                     WsError::ConnectionClosed | WsError::AlreadyClosed => {
-                        close_request(PEER_CLOSED, "", CloseReason::Client)
+                        CloseRequest::peer_closed(CloseReason::Client)
                     }
-                    _ => close_request(PEER_CLOSED, "", CloseReason::Error),
+                    _ => CloseRequest::peer_closed(CloseReason::Error),
                 };
                 debug!(error = %e, "read error");
                 outbox.close(request);
@@ -372,7 +372,7 @@ async fn read_loop<S>(
             // (`Outbox::close_echo`: after the replies already queued, and
             // closing it). The request below is the fallback if it did not.
             let _ = futures_util::SinkExt::flush(stream).await;
-            outbox.close(close_request(PEER_CLOSED, "", CloseReason::Client));
+            outbox.close(CloseRequest::peer_closed(CloseReason::Client));
             return;
         }
         match rate.check(now) {
@@ -607,7 +607,7 @@ where
                     // No span on the writer task (entering one on every poll
                     // cost ~1.5% of fan-out CPU): name the connection here.
                     debug!(id = ctx.id, peer = %ctx.peer, error = %e, "write failed");
-                    outbox.close(close_request(PEER_CLOSED, "", CloseReason::Error));
+                    outbox.close(CloseRequest::peer_closed(CloseReason::Error));
                 }
             }
             _ = ping.tick() => {
@@ -618,7 +618,7 @@ where
                 };
                 if let Err(e) = sent {
                     debug!(id = ctx.id, peer = %ctx.peer, error = %e, "ping failed");
-                    outbox.close(close_request(PEER_CLOSED, "", CloseReason::Error));
+                    outbox.close(CloseRequest::peer_closed(CloseReason::Error));
                 }
             }
         }

@@ -88,6 +88,16 @@ impl CloseRequest {
             label: crate::metrics::CloseReason::Shutdown,
         }
     }
+
+    /// The peer closed (or vanished): finish the handshake, send no Close
+    /// of our own; `label` is the reason it is counted under.
+    pub fn peer_closed(label: crate::metrics::CloseReason) -> Self {
+        CloseRequest {
+            code: PEER_CLOSED,
+            reason: "",
+            label,
+        }
+    }
 }
 
 /// Outcome of a push.
@@ -308,11 +318,9 @@ impl Outbox {
             enqueued: Instant::now(),
             reply: true,
         });
-        inner.close = Some(CloseRequest {
-            code: PEER_CLOSED,
-            reason: "",
-            label: crate::metrics::CloseReason::Client,
-        });
+        inner.close = Some(CloseRequest::peer_closed(
+            crate::metrics::CloseReason::Client,
+        ));
         self.closing.set();
         drop(inner);
         self.writer.notify_one();
