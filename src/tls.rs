@@ -182,9 +182,8 @@ pub fn generate_dev_cert() -> Result<DevCert, TlsError> {
     params.not_after = now + time::Duration::days(365);
     let signing_key = rcgen::KeyPair::generate().map_err(dev)?;
     let cert = params.self_signed(&signing_key).map_err(dev)?;
-    let generated = rcgen::CertifiedKey { cert, signing_key };
-    let cert_der = generated.cert.der().clone();
-    let key_der = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let cert_der = cert.der().clone();
+    let key_der = PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
     let certified = certified_key(
         vec![cert_der],
         key_der,
@@ -192,7 +191,7 @@ pub fn generate_dev_cert() -> Result<DevCert, TlsError> {
         Path::new("(generated)"),
     )?;
     Ok(DevCert {
-        cert_pem: generated.cert.pem(),
+        cert_pem: cert.pem(),
         certified,
     })
 }
