@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{admin_request, client_config, free_port, metric, ORIGIN};
+use common::{admin_request, client_config, closes_total, free_port, metric, ORIGIN};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -497,17 +497,12 @@ fn counters(m: &str) -> HashMap<&'static str, f64> {
     SERIES.iter().map(|s| (*s, metric(m, s))).collect()
 }
 
-/// Every connection opened since `before` has been counted closed, under
+/// Every connection opened since scrape `m0` has been counted closed, under
 /// some reason. A scrape renders series one by one, so the gauge alone can
 /// reach 0 in the same scrape that still misses the last close.
-fn all_closed(m: &str, before: &HashMap<&'static str, f64>) -> bool {
-    let now = counters(m);
-    let closed: f64 = now
-        .iter()
-        .filter(|(k, _)| k.starts_with("wsbroker_connections_closed_total"))
-        .map(|(k, v)| v - before[k])
-        .sum();
-    closed == now["wsbroker_connections_opened_total"] - before["wsbroker_connections_opened_total"]
+fn all_closed(m: &str, m0: &str) -> bool {
+    let opened = |m: &str| metric(m, "wsbroker_connections_opened_total");
+    closes_total(m) - closes_total(m0) == opened(m) - opened(m0)
 }
 
 fn gauges_are(m: &str, conns: f64, subs: f64, topics: f64) -> bool {
@@ -756,7 +751,7 @@ async fn every_metric_moves_by_exactly_what_happened() {
     sub1.close().await;
     publ.close().await;
     let m1 = wait_metrics(&d, "gauges back to 0, every close counted", |m| {
-        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &before)
+        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &m0)
     })
     .await;
     let after = counters(&m1);
@@ -980,7 +975,7 @@ async fn clients_that_vanish_are_counted_as_client_closes() {
     drop(rst);
 
     let m1 = wait_metrics(&d, "everyone gone, every close counted", |m| {
-        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &before)
+        gauges_are(m, 0.0, 0.0, 0.0) && all_closed(m, &m0)
     })
     .await;
     drop(notify);

@@ -206,6 +206,28 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("series {series} not found in:\n{text}"))
 }
 
+/// The `reason` labels of `wsbroker_connections_closed_total` (CONTRACT §7).
+pub const CLOSE_REASONS: [&str; 5] = [
+    "client",
+    "idle_timeout",
+    "slow_consumer",
+    "shutdown",
+    "error",
+];
+
+/// Connections counted closed so far, over every reason.
+pub fn closes_total(text: &str) -> f64 {
+    CLOSE_REASONS
+        .iter()
+        .map(|r| {
+            metric(
+                text,
+                &format!(r#"wsbroker_connections_closed_total{{reason="{r}"}}"#),
+            )
+        })
+        .sum()
+}
+
 pub async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into()))
         .await
