@@ -490,6 +490,9 @@ async fn handle_text(
             }
             id.map(protocol::encode_ack)
         }
+        // `auth.mode = "none"`: acked unchecked, so a client written for an
+        // authenticating broker works against an open one (CONTRACT §10).
+        Ok(Command::Auth { token: _, id }) => id.map(|id| protocol::encode_auth_ack(id, None)),
     };
     match answer {
         Some(text) => reply(outbox, text).await,

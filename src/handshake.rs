@@ -65,6 +65,24 @@ pub struct Accepted {
     pub leftover: Vec<u8>,
     /// The Origin header, if any (for logs).
     pub origin: Option<String>,
+    /// The subprotocol to select, when the client offered one we speak.
+    pub protocol: Option<&'static str>,
+}
+
+/// The subprotocol of CONTRACT §10: selected whenever offered, so browsers
+/// (which fail a handshake that offered subprotocols and got none back)
+/// can offer it beside `wsbroker.bearer.<jwt>`.
+pub const SUBPROTOCOL: &str = "wsbroker.v1";
+
+/// What `evaluate` took from an acceptable request.
+#[derive(Debug)]
+pub struct Verdict {
+    /// `Sec-WebSocket-Accept` value.
+    pub accept_key: String,
+    /// The Origin header, if any.
+    pub origin: Option<String>,
+    /// The subprotocol to select.
+    pub protocol: Option<&'static str>,
 }
 
 /// The rules a request is checked against.
@@ -82,10 +100,7 @@ fn has_token(value: &[u8], token: &str) -> bool {
 }
 
 /// Checks a parsed request head against the rules.
-pub fn evaluate(
-    req: &httparse::Request<'_, '_>,
-    rules: &Rules<'_>,
-) -> Result<(String, Option<String>), Refusal> {
+pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<Verdict, Refusal> {
     let target = req.path.unwrap_or("");
     let path = target.split(['?', '#']).next().unwrap_or("");
     // Absolute form (`GET https://host/ws`, RFC 9112 §3.2.2), which servers
@@ -124,6 +139,7 @@ pub fn evaluate(
     let mut keys = Vec::new();
     let mut origins = Vec::new();
     let mut host = 0usize;
+    let mut protocol = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
@@ -138,6 +154,12 @@ pub fn evaluate(
             origins.push(h.value);
         } else if name.eq_ignore_ascii_case("host") {
             host += 1;
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            // Subprotocol names are case-sensitive (RFC 6455 §4.1).
+            let offered = std::str::from_utf8(h.value).unwrap_or("");
+            if offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
+                protocol = Some(SUBPROTOCOL);
+            }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(Refusal::new(
                 400,
@@ -225,7 +247,11 @@ pub fn evaluate(
         .origins
         .check(origin)
         .map_err(|denied| Refusal::new(403, RejectReason::Origin, denied.to_string()))?;
-    Ok((derive_accept_key(key), origin.map(str::to_string)))
+    Ok(Verdict {
+        accept_key: derive_accept_key(key),
+        origin: origin.map(str::to_string),
+        protocol,
+    })
 }
 
 /// A key is 16 random bytes in base64: 24 characters ending in `==`.
@@ -255,10 +281,11 @@ pub async fn read_and_evaluate<S: AsyncRead + Unpin>(
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(head_len)) => {
-                let verdict = evaluate(&req, rules).map(|(accept_key, origin)| Accepted {
-                    accept_key,
+                let verdict = evaluate(&req, rules).map(|v| Accepted {
+                    accept_key: v.accept_key,
                     leftover: buf[head_len..].to_vec(),
-                    origin,
+                    origin: v.origin,
+                    protocol: v.protocol,
                 });
                 return Ok(verdict);
             }
@@ -336,9 +363,13 @@ pub async fn respond<S: AsyncWrite + Unpin>(
 pub async fn switch<S: AsyncWrite + Unpin>(
     stream: &mut S,
     accept_key: &str,
+    protocol: Option<&str>,
 ) -> std::io::Result<()> {
+    let protocol = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol}\r\n"
     );
     stream.write_all(head.as_bytes()).await?;
     stream.flush().await

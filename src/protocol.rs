@@ -61,8 +61,10 @@ pub enum ErrorCode {
     BadRequest,
     /// A per-connection limit was hit.
     Limit,
-    /// Not allowed (reserved for auth).
+    /// Not permitted (CONTRACT §10).
     Forbidden,
+    /// A token that does not verify (CONTRACT §10).
+    Unauthorized,
     /// The broker failed.
     Internal,
 }
@@ -74,6 +76,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Limit => "limit",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Internal => "internal",
         }
     }
@@ -116,6 +119,13 @@ pub enum Command<'a> {
         /// Request id.
         id: Option<&'a RawValue>,
     },
+    /// Present a token: the first authenticates, a later one refreshes (§10).
+    Auth {
+        /// The compact JWS, as sent (never logged).
+        token: Cow<'a, str>,
+        /// Request id.
+        id: Option<&'a RawValue>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -124,6 +134,8 @@ struct RawCommand<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow)]
     topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
@@ -224,6 +236,18 @@ pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
         return Err(bad("`id` must be a string or a number".into()));
     }
     let op = raw.op.ok_or_else(|| bad("missing `op`".into()))?;
+    if op == "auth" {
+        if raw.topic.is_some() || raw.data.is_some() {
+            return Err(bad(
+                "`topic` and `data` are not allowed with op `auth`".into()
+            ));
+        }
+        let token = raw.token.ok_or_else(|| bad("missing `token`".into()))?;
+        return Ok(Command::Auth { token, id });
+    }
+    if raw.token.is_some() {
+        return Err(bad(format!("`token` is not allowed with op `{op}`")));
+    }
     let topic = raw.topic.ok_or_else(|| bad("missing `topic`".into()))?;
     match op.as_ref() {
         "subscribe" | "unsubscribe" => {
@@ -248,7 +272,7 @@ pub fn parse_command(text: &str) -> Result<Command<'_>, Rejection<'_>> {
             Ok(Command::Publish { topic, data, id })
         }
         other => Err(bad(format!(
-            "unknown op `{}` (expected subscribe, unsubscribe or publish)",
+            "unknown op `{}` (expected subscribe, unsubscribe, publish or auth)",
             other.escape_default()
         ))),
     }
@@ -352,6 +376,21 @@ pub fn encode_ack(id: &RawValue) -> String {
     format!(r#"{{"type":"ack","id":{}}}"#, id.get())
 }
 
+/// Encodes the ack of an `auth` op: the token's `exp` (Unix seconds), when known.
+pub fn encode_auth_ack(id: &RawValue, exp: Option<u64>) -> String {
+    match exp {
+        Some(exp) => format!(r#"{{"type":"ack","id":{},"exp":{exp}}}"#, id.get()),
+        None => encode_ack(id),
+    }
+}
+
+/// Encodes the notice that the server removed a subscription (§10: a
+/// refresh whose permissions no longer cover it).
+pub fn encode_unsubscribed(topic: &str, reason: &str) -> String {
+    // Topics are validated to need no JSON escaping; reasons are ours.
+    format!(r#"{{"type":"unsubscribed","topic":"{topic}","reason":"{reason}"}}"#)
+}
+
 /// Encodes an error frame.
 pub fn encode_error(id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
     let mut out = String::with_capacity(64 + message.len());
@@ -401,6 +440,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn parses_auth_and_refuses_stray_fields() {
+        match parse_command(r#"{"op":"auth","token":"a.b.c","id":4}"#) {
+            Ok(Command::Auth { token, id }) => {
+                assert_eq!(token, "a.b.c");
+                assert_eq!(id.map(|i| i.get()), Some("4"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = parse_command(r#"{"op":"auth","id":4}"#).expect_err("no token");
+        assert!(r.message.contains("`token`"), "{}", r.message);
+        assert_eq!(r.id.map(|i| i.get()), Some("4"));
+        let r = parse_command(r#"{"op":"auth","token":"t","topic":"a"}"#).expect_err("topic");
+        assert_eq!(r.code, ErrorCode::BadRequest);
+        let r = parse_command(r#"{"op":"subscribe","topic":"a","token":"t","id":1}"#)
+            .expect_err("token on subscribe");
+        assert!(r.message.contains("`token`"), "{}", r.message);
+        assert_eq!(
+            encode_auth_ack(&RawValue::from_string("1".into()).unwrap(), Some(17)),
+            r#"{"type":"ack","id":1,"exp":17}"#
+        );
+        assert_eq!(
+            encode_unsubscribed("chat.>", "forbidden"),
+            r#"{"type":"unsubscribed","topic":"chat.>","reason":"forbidden"}"#
+        );
     }
 
     #[test]

@@ -485,13 +485,15 @@ async fn upgrade(
             (v, _) => v,
         };
         match verdict {
-            Ok(accepted) => match handshake::switch(&mut tls, &accepted.accept_key).await {
-                Ok(()) => Some((tls, accepted)),
-                Err(e) => {
-                    reject(shared, peer, RejectReason::BadRequest, &e.to_string());
-                    None
+            Ok(accepted) => {
+                match handshake::switch(&mut tls, &accepted.accept_key, accepted.protocol).await {
+                    Ok(()) => Some((tls, accepted)),
+                    Err(e) => {
+                        reject(shared, peer, RejectReason::BadRequest, &e.to_string());
+                        None
+                    }
                 }
-            },
+            }
             Err(refusal) => {
                 reject(shared, peer, refusal.label, &refusal.reason);
                 let _ = handshake::respond(&mut tls, &refusal).await;

@@ -218,3 +218,72 @@ async fn listens_on_ipv4_and_ipv6_at_once() {
     assert_eq!(recv(&mut v6).await["data"], "both");
     v6.close(None).await.expect("close");
 }
+
+/// The 101's head for a raw upgrade request carrying `extra` header lines.
+async fn upgrade_head(srv: &TestServer, extra: &str) -> String {
+    let mut tls = srv.tls().await;
+    let req = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n{extra}\r\n");
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tls.read_u8().await.expect("response head"));
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn wsbroker_v1_is_selected_whenever_offered_and_a_token_is_never_echoed() {
+    let srv = TestServer::start(&[]).await;
+    let head = upgrade_head(
+        &srv,
+        "Sec-WebSocket-Protocol: wsbroker.v1, wsbroker.bearer.eyJhbGciOiJIUzI1NiJ9.e30.c2ln\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: wsbroker.v1\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("bearer"), "token echoed: {head}");
+    // Offered in a second header line, after another protocol.
+    let head = upgrade_head(
+        &srv,
+        "Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: wsbroker.v1\r\n",
+    )
+    .await;
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: wsbroker.v1\r\n"),
+        "{head}"
+    );
+    // Not offered (or offered in another case): nothing selected.
+    for extra in [
+        "",
+        "Sec-WebSocket-Protocol: chat\r\n",
+        "Sec-WebSocket-Protocol: WSBROKER.V1\r\n",
+    ] {
+        let head = upgrade_head(&srv, extra).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+            "{extra:?}: {head}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_auth_op_is_acked_unchecked_when_auth_is_off() {
+    let srv = TestServer::start(&[]).await;
+    let mut ws = srv.ws().await;
+    send(
+        &mut ws,
+        serde_json::json!({"op":"auth","token":"not-a-jwt","id":"a1"}),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack, serde_json::json!({"type":"ack","id":"a1"}));
+    send(&mut ws, serde_json::json!({"op":"auth","id":2})).await;
+    let err = recv(&mut ws).await;
+    assert_eq!(err["code"], "bad_request", "{err}");
+    assert_eq!(err["id"], 2, "{err}");
+    subscribe(&mut ws, "a.b", 3).await;
+}
