@@ -448,6 +448,14 @@ fn check_parse(text: &str) -> Result<(), TestCaseError> {
                 prop_assert!(check, "{}", ack);
             }
         }
+        Ok(Command::Auth { id, .. }) => {
+            if let Some(id) = id {
+                let ack = protocol::encode_auth_ack(id, Some(1));
+                let check =
+                    ack.starts_with(r#"{"type":"ack","id":"#) && ack.ends_with(r#","exp":1}"#);
+                prop_assert!(check, "{}", ack);
+            }
+        }
         Err(r) => {
             let frame = protocol::encode_error(r.id, r.code, &r.message);
             let v: Result<Value, _> = serde_json::from_str(&frame);
