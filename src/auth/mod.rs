@@ -112,6 +112,15 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Longest deadline kept: a token's `exp` is the signer's choice, and an
+/// `Instant` far in the future would overflow.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `now + d`, with `d` capped at [`MAX_DEADLINE`].
+fn deadline_in(d: Duration) -> Instant {
+    Instant::now() + d.min(MAX_DEADLINE)
+}
+
 /// One configuration's keys and lists.
 pub struct Authenticator {
     settings: AuthSettings,
@@ -272,7 +281,7 @@ impl Authenticator {
     pub fn anonymous_session(&self) -> Session {
         let grants = self.anonymous.clone();
         let due = grants.is_empty().then(|| Due {
-            at: Instant::now() + self.settings.auth_timeout,
+            at: deadline_in(self.settings.auth_timeout),
             close: REQUIRED_CLOSE,
         });
         Session {
@@ -294,9 +303,10 @@ impl Authenticator {
     }
 
     fn expiry(&self, exp: u64) -> Due {
-        let left = Duration::from_secs(exp.saturating_sub(unix_now())) + self.settings.leeway;
+        let left = Duration::from_secs(exp.saturating_sub(unix_now()))
+            .saturating_add(self.settings.leeway);
         Due {
-            at: Instant::now() + left,
+            at: deadline_in(left),
             close: EXPIRED_CLOSE,
         }
     }
@@ -469,5 +479,24 @@ pub async fn admit(auth: &Authenticator, presented: &Presented) -> Result<Sessio
         [] => Ok(auth.anonymous_session()),
         [(_, token)] => Ok(auth.session(auth.verify(token).await?)),
         _ => Err(AuthError::Several),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_far_exp_does_not_overflow_the_deadline() {
+        let settings = crate::config::Settings::dev_defaults().auth;
+        let auth = Authenticator::load(&settings, None).expect("mode none loads");
+        let session = auth.session(Identity {
+            sub: "u".into(),
+            exp: u64::MAX,
+            grants: Grants::default(),
+        });
+        let due = session.due.expect("an expiry");
+        assert!(due.at > Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(due.close, EXPIRED_CLOSE);
     }
 }
