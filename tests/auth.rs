@@ -591,12 +591,16 @@ async fn jwks_file_keys_are_picked_by_kid() {
 #[tokio::test]
 async fn jwks_url_rotation_through_a_local_https_endpoint() {
     let k1 = Signer::es256().with_kid("k1");
-    let k2 = Signer::ed25519().with_kid("k2");
+    let k2 = Signer::es256().with_kid("k2");
     let idp = common::auth::JwksServer::start(&json!({"keys":[k1.jwk()]}).to_string()).await;
     let ca = idp.ca_path.display().to_string();
+    // A PEM key of the same type beside the URL: a token with a new kid is
+    // tried against it (and fails) and must still make the broker refetch.
+    let pem = temp_file("other.pem", &Signer::es256().public_pem);
     let server = jwt_server(&[
         ("WSBROKER__AUTH__JWKS_URL", &idp.url),
         ("WSBROKER__AUTH__JWKS_CA", &ca),
+        ("WSBROKER__AUTH__PUBLIC_KEYS", &pem),
     ])
     .await;
     assert_eq!(idp.hits(), 1, "fetched once at start");
@@ -618,9 +622,12 @@ async fn jwks_url_rotation_through_a_local_https_endpoint() {
     assert_eq!(idp.hits(), 2, "five misses, one fetch");
     // Another unknown kid within 30 s: no fetch, unknown key; the rotated-out
     // key is gone.
+    // (Tried against the PEM key, so: bad signature.)
     let k3 = Signer::es256().with_kid("k3");
-    expect_401(&server, &bearer(&k3.sign(&c)), "unknown key").await;
-    expect_401(&server, &bearer(&k1.sign(&c)), "unknown key").await;
+    expect_401(&server, &bearer(&k3.sign(&c)), "bad signature").await;
+    expect_401(&server, &bearer(&k1.sign(&c)), "bad signature").await;
+    let k4 = Signer::ed25519().with_kid("k4");
+    expect_401(&server, &bearer(&k4.sign(&c)), "unknown key").await;
     assert_eq!(idp.hits(), 2, "misses are rate-limited");
     // The connection made with k1 keeps its permissions.
     assert!(is_ack(&sub_result(&mut ws, "a", 2).await, 2));

@@ -314,14 +314,16 @@ impl Authenticator {
     /// Verifies a compact JWS: signature, then claims.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let parsed = jwt::parse(token)?;
-        match self.check_signature(&parsed) {
-            Err(AuthError::UnknownKey) if parsed.kid.is_some() && self.remote.is_some() => {
-                if let Some(remote) = &self.remote {
-                    remote.refresh_on_miss().await;
-                }
+        let first = self.check_signature(&parsed);
+        match (&self.remote, &parsed.kid) {
+            // A kid nobody has: the provider may have rotated. Fetch (rate
+            // limited) and try again, also when a kid-less key of the same
+            // type was tried and failed.
+            (Some(remote), Some(kid)) if first.is_err() && !self.knows_kid(kid) => {
+                remote.refresh_on_miss().await;
                 self.check_signature(&parsed)?;
             }
-            other => other?,
+            _ => first?,
         }
         let claims = jwt::claims(
             &parsed,
@@ -351,6 +353,16 @@ impl Authenticator {
             exp: claims.exp,
             grants,
         })
+    }
+
+    /// Whether a configured or fetched key has this `kid`.
+    fn knows_kid(&self, kid: &str) -> bool {
+        let known = |k: &Key| k.kid.as_deref() == Some(kid);
+        self.keys.iter().any(known)
+            || self
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.keys().iter().any(known))
     }
 
     /// Picks the candidate keys (by `kid`, else every key without one of
