@@ -206,7 +206,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let material = TlsMaterial::load(&settings.tls, dev_cert.as_ref())?;
     crate::metrics::record_tls_cert(metrics, &material.certified.cert);
     crate::metrics::record_max_connections(metrics, settings.server.max_connections);
-    let tls = TlsState::new(material.server_configs()?);
+    // One ticketer for the daemon's life: a reload keeps issued tickets valid.
+    let ticketer = crate::tls::session_ticketer()?;
+    let tls = TlsState::new(material.server_configs(&ticketer)?, ticketer);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
     let mut listeners = Vec::new();
@@ -291,7 +293,7 @@ impl RunningServer {
     /// Applies what a reload may change; returns the keys that need a restart.
     pub fn reload(&self, new: Settings) -> Result<Vec<String>, ServerError> {
         let material = TlsMaterial::load(&new.tls, self.shared.dev_cert.as_ref())?;
-        let config = material.server_configs()?;
+        let config = material.server_configs(self.shared.tls.ticketer())?;
         let origins = OriginPolicy::new(&new.origins.allow, new.origins.allow_missing)
             .map_err(|e| ServerError::Origins(e.to_string()))?;
         self.shared.tls.replace(config);
@@ -445,7 +447,16 @@ async fn tls_accept(tcp: TcpStream, shared: &Shared) -> std::io::Result<ServerTl
     let start =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let config = shared.tls.config_for(&start.client_hello());
-    start.into_stream(config).await
+    let tls = start.into_stream(config).await?;
+    count_resumption(shared, &tls);
+    Ok(tls)
+}
+
+/// `wsbroker_tls_resumed_total` (CONTRACT §12).
+fn count_resumption(shared: &Shared, tls: &ServerTls) {
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        shared.metrics.tls_resumed.increment(1);
+    }
 }
 
 async fn upgrade(

@@ -332,3 +332,5 @@ impl TestServer {
         tls
     }
 }
+
+pub mod daemon;
