@@ -42,6 +42,9 @@ pub enum ServerError {
     /// Origin patterns did not parse.
     #[error("origins.allow: {0}")]
     Origins(String),
+    /// The sockets passed by the service manager do not fit `server.listen`.
+    #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
 }
 
 /// Over-limit handshakes answered with a 503 at once; beyond this they are
@@ -194,6 +197,35 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError>
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// The wss listeners: the sockets of a socket activation (CONTRACT §12),
+/// checked against `listen`, or bound here.
+fn wss_listeners(listen: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::new();
+    match crate::activation::take() {
+        Some(inherited) => {
+            let inherited = inherited?;
+            info!(
+                sockets = inherited.len(),
+                "socket activation: serving the sockets passed by the service manager"
+            );
+            for (std, addr) in inherited.listeners(listen)?.into_iter().zip(listen) {
+                let err = |source| ServerError::Bind {
+                    key: "server.listen",
+                    addr: *addr,
+                    source,
+                };
+                listeners.push(TcpListener::from_std(std).map_err(err)?);
+            }
+        }
+        None => {
+            for addr in listen {
+                listeners.push(bind(*addr, "server.listen")?);
+            }
+        }
+    }
+    Ok(listeners)
+}
+
 /// Binds the listeners and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     crate::tls::install_default_provider();
@@ -211,10 +243,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let tls = TlsState::new(material.server_configs(&ticketer)?, ticketer);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
-    let mut listeners = Vec::new();
-    for addr in &settings.server.listen {
-        listeners.push(bind(*addr, "server.listen")?);
-    }
+    let listeners = wss_listeners(&settings.server.listen)?;
     let admin_listener = match settings.admin.listen {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
@@ -391,6 +420,9 @@ fn is_fd_exhaustion(e: &std::io::Error) -> bool {
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
+            // Biased: once stopping, never take one more connection from the
+            // backlog (with socket activation the next daemon serves it).
+            biased;
             _ = shared.stop_accepting.cancelled() => return,
             r = listener.accept() => r,
         };
@@ -488,11 +520,13 @@ async fn upgrade(
                 return None;
             }
         };
+        // A handshake accepted before the drain began is completed even when
+        // it ends during the drain: the connection then closes itself with
+        // 1001 (connection::run checks the drain once), as every other
+        // connection does. A 503 here would refuse a client that reached
+        // the backlog before a socket-activated restart (CONTRACT §12).
         let verdict = match (verdict, &slot.over) {
             (Ok(_), Some(over)) => Err(Refusal::limit(over.clone())),
-            (Ok(_), None) if !shared.ready.load(Ordering::Acquire) => {
-                Err(Refusal::limit("server is shutting down"))
-            }
             (v, _) => v,
         };
         match verdict {

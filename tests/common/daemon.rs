@@ -34,6 +34,59 @@ pub fn config_file(cert: &TestCert, listen: &str, server: &str, tls: &str, extra
 pub fn serve_command(config: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve").arg("--config").arg(config);
+    scrub_env(&mut cmd);
+    cmd
+}
+
+/// `wsbroker serve --config FILE` started the way systemd's socket
+/// activation starts it: `listeners` as fds 3, 4, …, `LISTEN_FDS`, the
+/// names in `LISTEN_FDNAMES`, and `LISTEN_PID` set to the daemon's own pid
+/// (a shell sets it to `$$` and execs the binary, keeping its pid).
+pub fn activated_command(
+    config: &Path,
+    listeners: &[&std::net::TcpListener],
+    names: &[&str],
+) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES='{}' exec \"$0\" \"$@\"",
+            listeners.len(),
+            names.join(":")
+        ))
+        .arg(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(config);
+    scrub_env(&mut cmd);
+    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    // SAFETY: only dup2/fcntl/close (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way (a source may sit in 3..), then into place;
+            // dup2 leaves the copies without FD_CLOEXEC.
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, 200 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..fds.len() as i32 {
+                if libc::dup2(200 + i, 3 + i) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(200 + i);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Removes the service-manager and `WSBROKER__*` variables of the test's
+/// own environment.
+fn scrub_env(cmd: &mut Command) {
     for var in [
         "NOTIFY_SOCKET",
         "WATCHDOG_USEC",
@@ -49,7 +102,6 @@ pub fn serve_command(config: &Path) -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd
 }
 
 /// A running daemon.
