@@ -709,8 +709,9 @@ where
 
 /// A batch write that a close request interrupted: a frame cut in half would
 /// corrupt the Close behind it, so the write is finished, within
-/// [`CLOSE_WAIT`]. When it cannot be (the peer stopped reading) the
-/// connection is cut without goodbyes ([`Outbox::abort`]). Boxed: rare.
+/// [`CLOSE_WAIT`] and the shutdown grace. When it cannot be (the peer
+/// stopped reading) the connection is cut without goodbyes
+/// ([`Outbox::abort`]). Boxed: rare.
 fn finish_write<'a, F>(
     outbox: &'a Outbox,
     write: std::pin::Pin<&'a mut F>,
@@ -719,12 +720,17 @@ where
     F: std::future::Future<Output = std::io::Result<()>>,
 {
     Box::pin(async move {
-        match timeout(CLOSE_WAIT, write).await {
-            Ok(r) => r,
-            Err(_) => {
-                outbox.abort();
-                Ok(())
-            }
+        tokio::select! {
+            biased;
+            r = timeout(CLOSE_WAIT, write) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    outbox.abort();
+                    Ok(())
+                }
+            },
+            // The shutdown grace ended meanwhile: no more writing at all.
+            _ = outbox.aborted() => Ok(()),
         }
     })
 }
@@ -775,7 +781,6 @@ mod tests {
         let (stream, _peer) = tokio::io::duplex(64);
         let fut = run(stream, Vec::new(), context(), ());
         let size = std::mem::size_of_val(&fut);
-        println!("connection future {size}");
         assert!(size <= 1350, "connection future is {size} bytes");
     }
 
@@ -796,7 +801,6 @@ mod tests {
         }));
         let fut = writer(wr, conn, outbox);
         let size = std::mem::size_of_val(&fut);
-        println!("writer future {size}");
         assert!(size <= 640, "writer future is {size} bytes");
     }
 }
