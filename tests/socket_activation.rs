@@ -219,3 +219,43 @@ async fn a_socket_that_does_not_match_server_listen_is_a_startup_error() {
     assert!(listener.set_nonblocking(true).is_ok());
     assert!(listener.accept().is_err(), "no connection was ever made");
 }
+
+/// The race the restart test can hit: a connection the old daemon accepted
+/// just before SIGTERM finishes its handshake during the drain. It is
+/// upgraded and closed with 1001 like every open connection (the client
+/// reconnects into the shared backlog), not refused with a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_accepted_before_the_drain_is_upgraded_then_closed_1001() {
+    let server = Arc::new(TestServer::start(&[("WSBROKER__SERVER__SHUTDOWN_GRACE", "3s")]).await);
+    // Accepted and through TLS, the upgrade request not sent yet.
+    let mut tls = server.tls().await;
+    let draining = {
+        let server = server.clone();
+        tokio::spawn(async move { server.server.shutdown().await })
+    };
+    let deadline = Instant::now() + WAIT;
+    while server
+        .server
+        .shared()
+        .ready
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        assert!(Instant::now() < deadline, "drain never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    raw::upgrade(&mut tls)
+        .await
+        .expect("upgraded although the drain began");
+    let got = raw::close_code_while_sending(tls, Vec::new(), Vec::new(), Duration::ZERO).await;
+    assert_eq!(
+        got,
+        Ok(raw::ServerClose {
+            code: 1001,
+            reason: "server shutting down".into()
+        })
+    );
+    tokio::time::timeout(WAIT, draining)
+        .await
+        .expect("drain ends")
+        .expect("drain task");
+}
