@@ -86,6 +86,8 @@ pub struct TlsSettings {
     pub min_version: TlsMinVersion,
     /// CA for client certificates (mTLS); `None` disables client auth.
     pub client_ca: Option<PathBuf>,
+    /// Stateless session tickets (TLS 1.3 and 1.2) for resumption (CONTRACT §12).
+    pub session_tickets: bool,
 }
 
 /// `[origins]`.
@@ -250,7 +252,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "shutdown_grace",
         ],
     ),
-    ("tls", &["cert", "key", "min_version", "client_ca"]),
+    (
+        "tls",
+        &["cert", "key", "min_version", "client_ca", "session_tickets"],
+    ),
     ("origins", &["allow", "allow_missing"]),
     (
         "connection",
@@ -691,12 +696,14 @@ fn from_tree(
             }
         };
         let client_ca = s.path("client_ca");
+        let session_tickets = s.bool("session_tickets", true);
         s.finish();
         TlsSettings {
             cert,
             key,
             min_version,
             client_ca,
+            session_tickets,
         }
     };
 

@@ -56,6 +56,8 @@ pub fn ws_config(max_message_size: usize) -> WebSocketConfig {
 pub struct ReadSide<R> {
     rd: R,
     outbox: Arc<Outbox>,
+    /// The peer's stream ended (EOF or a read error): nothing left to drain.
+    ended: bool,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for ReadSide<R> {
@@ -64,7 +66,16 @@ impl<R: AsyncRead + Unpin> AsyncRead for ReadSide<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.rd).poll_read(cx, buf)
+        let (asked, before) = (buf.remaining() > 0, buf.filled().len());
+        let r = std::pin::Pin::new(&mut self.rd).poll_read(cx, buf);
+        match &r {
+            std::task::Poll::Ready(Ok(())) if asked && buf.filled().len() == before => {
+                self.ended = true
+            }
+            std::task::Poll::Ready(Err(_)) => self.ended = true,
+            _ => {}
+        }
+        r
     }
 }
 
@@ -196,6 +207,7 @@ where
     let side = ReadSide {
         rd,
         outbox: outbox.clone(),
+        ended: false,
     };
     async move {
         let ctx = &conn.ctx;
@@ -231,9 +243,12 @@ where
             &mut auth,
         )
         .await;
-        conn.reader_done.set();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
+        // Still registered while it drains, so the end of the shutdown
+        // grace (`Outbox::abort`) reaches it. Boxed: once per connection.
+        Box::pin(drain_input(ws.get_mut(), &sub.outbox)).await;
+        conn.reader_done.set();
         ctx.broker.deregister(ctx.id);
         let reason = writer.await.unwrap_or(CloseReason::Error);
         // Counted as closed before it leaves the gauge: the counter never lags
@@ -473,6 +488,33 @@ fn peer_went_away(e: &std::io::Error) -> bool {
         e.kind(),
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
     )
+}
+
+/// After the reader stops (CONTRACT §5): reads and discards whatever the
+/// peer still sends until it closes its side (EOF), for at most
+/// [`CLOSE_WAIT`], and not past the end of the shutdown grace. Closing a
+/// socket with unread input makes the kernel answer with a reset, which
+/// destroys our Close frame in flight (RFC 6455 §7.1.1): a client still
+/// sending the rest of an oversized message would see 1006, not 1009.
+/// Returns at once when the stream has ended already.
+async fn drain_input<R: AsyncRead + Unpin>(side: &mut ReadSide<R>, outbox: &Outbox) {
+    if side.ended {
+        return;
+    }
+    let discard = async {
+        let mut scratch = [0u8; 2048];
+        loop {
+            match tokio::io::AsyncReadExt::read(side, &mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = outbox.aborted() => {}
+        _ = timeout(CLOSE_WAIT, discard) => {}
+    }
 }
 
 /// Handles one command; false when the connection is closing.
@@ -744,10 +786,17 @@ where
                 }
                 // Biased: the write usually completes at once, and then the
                 // close token is never polled.
-                let written = tokio::select! {
-                    biased;
-                    r = write_batch(wr, &mut batch, &mut buf, m) => r,
-                    _ = outbox.closing() => Ok(()),
+                let written = {
+                    let mut write = pin!(write_batch(wr, &mut batch, &mut buf, m));
+                    let done = tokio::select! {
+                        biased;
+                        r = &mut write => Some(r),
+                        _ = outbox.closing() => None,
+                    };
+                    match done {
+                        Some(r) => r,
+                        None => finish_write(outbox, write).await,
+                    }
                 };
                 batch.clear();
                 if let Err(e) = written {
@@ -770,6 +819,8 @@ where
             }
         }
     };
+    // From here on the reader only drains input (CONTRACT §5).
+    conn.stop_reader.set();
     if outbox.is_aborted() {
         // The shutdown grace is over: no goodbyes.
         return (request.label, false);
@@ -789,15 +840,43 @@ where
         if flushed && request.code != PEER_CLOSED {
             let frame = protocol::close_frame(request.code, request.reason);
             flushed = goodbye(outbox, write_frame(wr, &frame)).await;
-            if flushed {
-                // Give the peer a moment to answer the close, then cut.
-                goodbye(outbox, conn.reader_done.wait()).await;
-            }
+            // No wait for the peer's reply: close_notify and FIN follow at
+            // once (the reader drains until the peer closes its side), so a
+            // client waiting for the server to close TCP (browsers do) is
+            // not kept waiting.
         }
         flushed
     })
     .await;
     (request.label, flushed)
+}
+
+/// A batch write that a close request interrupted: a frame cut in half would
+/// corrupt the Close behind it, so the write is finished, within
+/// [`CLOSE_WAIT`] and the shutdown grace. When it cannot be (the peer
+/// stopped reading) the connection is cut without goodbyes
+/// ([`Outbox::abort`]). Boxed: rare.
+fn finish_write<'a, F>(
+    outbox: &'a Outbox,
+    write: std::pin::Pin<&'a mut F>,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = std::io::Result<()>> + 'a>>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    Box::pin(async move {
+        tokio::select! {
+            biased;
+            r = timeout(CLOSE_WAIT, write) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    outbox.abort();
+                    Ok(())
+                }
+            },
+            // The shutdown grace ended meanwhile: no more writing at all.
+            _ = outbox.aborted() => Ok(()),
+        }
+    })
 }
 
 /// One step of a connection's goodbye, bounded by [`CLOSE_WAIT`] and cut

@@ -4,6 +4,7 @@
 //! this library so tests can drive it in-process. See `../shared/ARCHITECTURE.md`
 //! for the path of a message through these modules.
 
+pub mod activation;
 pub mod admin;
 pub mod auth;
 pub mod bench;

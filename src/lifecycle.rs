@@ -105,7 +105,14 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
             );
         }
     }
-    let running = server::start(settings).await?;
+    let running = match server::start(settings).await {
+        // The socket unit and server.listen disagree: a configuration error
+        // (exit 2, which the unit does not restart on).
+        Err(ServerError::Activation(e)) => {
+            return Err(ServeError::Config(ConfigErrors(vec![e.to_string()])))
+        }
+        started => started?,
+    };
     if let Some(pem) = running.dev_cert_pem() {
         std::fs::write(DEV_CERT_PATH, pem)
             .map_err(|e| ServeError::Io(format!("cannot write {DEV_CERT_PATH}: {e}")))?;

@@ -65,6 +65,10 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. }) {
+        // Before the runtime's threads exist: it edits the environment.
+        wsbroker::activation::capture_from_env();
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub connections_max: Gauge,
     /// wsbroker_accept_errors_total (accept(2) failed, e.g. EMFILE)
     pub accept_errors: Counter,
+    /// wsbroker_tls_resumed_total (TLS handshakes that resumed a session)
+    pub tls_resumed: Counter,
 }
 
 impl Metrics {
@@ -234,6 +236,7 @@ fn install() -> Installed {
         tls_cert_not_after: metrics::gauge!("wsbroker_tls_cert_not_after_seconds"),
         connections_max: metrics::gauge!("wsbroker_connections_max"),
         accept_errors: metrics::counter!("wsbroker_accept_errors_total"),
+        tls_resumed: metrics::counter!("wsbroker_tls_resumed_total"),
     };
     // Touch every series so a scrape shows zeros from the start.
     for c in metrics
@@ -253,6 +256,7 @@ fn install() -> Installed {
         &metrics.bytes_received,
         &metrics.bytes_sent,
         &metrics.accept_errors,
+        &metrics.tls_resumed,
     ] {
         c.increment(0);
     }
@@ -359,6 +363,10 @@ fn describe() {
     describe_counter!(
         "wsbroker_accept_errors_total",
         "accept(2) failures on the wss listeners (EMFILE, ENFILE, ENOBUFS, ...)."
+    );
+    describe_counter!(
+        "wsbroker_tls_resumed_total",
+        "TLS handshakes that resumed a session (a session ticket), skipping the certificate exchange."
     );
 }
 

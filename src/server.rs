@@ -49,6 +49,9 @@ pub enum ServerError {
     /// `[auth]` keys or lists did not load (each line names its key).
     #[error("{}", .0.join("; "))]
     Auth(Vec<String>),
+    /// The sockets passed by the service manager do not fit `server.listen`.
+    #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
 }
 
 /// Over-limit handshakes answered with a 503 at once; beyond this they are
@@ -206,6 +209,35 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError>
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// The wss listeners: the sockets of a socket activation (CONTRACT §12),
+/// checked against `listen`, or bound here.
+fn wss_listeners(listen: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::new();
+    match crate::activation::take() {
+        Some(inherited) => {
+            let inherited = inherited?;
+            info!(
+                sockets = inherited.len(),
+                "socket activation: serving the sockets passed by the service manager"
+            );
+            for (std, addr) in inherited.listeners(listen)?.into_iter().zip(listen) {
+                let err = |source| ServerError::Bind {
+                    key: "server.listen",
+                    addr: *addr,
+                    source,
+                };
+                listeners.push(TcpListener::from_std(std).map_err(err)?);
+            }
+        }
+        None => {
+            for addr in listen {
+                listeners.push(bind(*addr, "server.listen")?);
+            }
+        }
+    }
+    Ok(listeners)
+}
+
 /// Binds the listeners and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     crate::tls::install_default_provider();
@@ -218,7 +250,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let material = TlsMaterial::load(&settings.tls, dev_cert.as_ref())?;
     crate::metrics::record_tls_cert(metrics, &material.certified.cert);
     crate::metrics::record_max_connections(metrics, settings.server.max_connections);
-    let tls = TlsState::new(material.server_configs()?);
+    // One ticketer for the daemon's life: a reload keeps issued tickets valid.
+    let ticketer = crate::tls::session_ticketer()?;
+    let tls = TlsState::new(material.server_configs(&ticketer)?, ticketer);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
     let auth = Authenticator::load(&settings.auth, None).map_err(ServerError::Auth)?;
@@ -227,10 +261,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let hard = CancellationToken::new();
     let jwks_stop = hard.child_token();
     start_jwks(&auth, &jwks_stop).await;
-    let mut listeners = Vec::new();
-    for addr in &settings.server.listen {
-        listeners.push(bind(*addr, "server.listen")?);
-    }
+    let listeners = wss_listeners(&settings.server.listen)?;
     let admin_listener = match settings.admin.listen {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
@@ -311,7 +342,7 @@ impl RunningServer {
     /// Applies what a reload may change; returns the keys that need a restart.
     pub fn reload(&self, new: Settings) -> Result<Vec<String>, ServerError> {
         let material = TlsMaterial::load(&new.tls, self.shared.dev_cert.as_ref())?;
-        let config = material.server_configs()?;
+        let config = material.server_configs(self.shared.tls.ticketer())?;
         let origins = OriginPolicy::new(&new.origins.allow, new.origins.allow_missing)
             .map_err(|e| ServerError::Origins(e.to_string()))?;
         let old_auth = self.shared.auth.load_full();
@@ -453,6 +484,9 @@ fn is_fd_exhaustion(e: &std::io::Error) -> bool {
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
+            // Biased: once stopping, never take one more connection from the
+            // backlog (with socket activation the next daemon serves it).
+            biased;
             _ = shared.stop_accepting.cancelled() => return,
             r = listener.accept() => r,
         };
@@ -509,7 +543,16 @@ async fn tls_accept(tcp: TcpStream, shared: &Shared) -> std::io::Result<ServerTl
     let start =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let config = shared.tls.config_for(&start.client_hello());
-    start.into_stream(config).await
+    let tls = start.into_stream(config).await?;
+    count_resumption(shared, &tls);
+    Ok(tls)
+}
+
+/// `wsbroker_tls_resumed_total` (CONTRACT §12).
+fn count_resumption(shared: &Shared, tls: &ServerTls) {
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        shared.metrics.tls_resumed.increment(1);
+    }
 }
 
 async fn upgrade(
@@ -541,11 +584,13 @@ async fn upgrade(
                 return None;
             }
         };
+        // A handshake accepted before the drain began is completed even when
+        // it ends during the drain: the connection then closes itself with
+        // 1001 (connection::run checks the drain once), as every other
+        // connection does. A 503 here would refuse a client that reached
+        // the backlog before a socket-activated restart (CONTRACT §12).
         let verdict = match (verdict, &slot.over) {
             (Ok(_), Some(over)) => Err(Refusal::limit(over.clone())),
-            (Ok(_), None) if !shared.ready.load(Ordering::Acquire) => {
-                Err(Refusal::limit("server is shutting down"))
-            }
             (v, _) => v,
         };
         // Tokens are checked last: a request refused anyway costs no

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, WebPkiClientVerifier};
+use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CipherSuite, RootCertStore, ServerConfig};
 
@@ -204,6 +204,8 @@ pub struct TlsMaterial {
     pub client_roots: Option<Arc<RootCertStore>>,
     /// Lowest version offered.
     pub min_version: TlsMinVersion,
+    /// `tls.session_tickets`.
+    pub session_tickets: bool,
 }
 
 impl TlsMaterial {
@@ -245,19 +247,28 @@ impl TlsMaterial {
             certified,
             client_roots,
             min_version: settings.min_version,
+            session_tickets: settings.session_tickets,
         })
     }
 
-    /// Builds the two server configurations a handshake chooses from.
-    pub fn server_configs(&self) -> Result<Arc<ServerConfigs>, TlsError> {
+    /// Builds the two server configurations a handshake chooses from; both
+    /// issue and accept tickets of `ticketer` (see [`session_ticketer`]).
+    pub fn server_configs(
+        &self,
+        ticketer: &Arc<dyn ProducesTickets>,
+    ) -> Result<Arc<ServerConfigs>, TlsError> {
         Ok(Arc::new(ServerConfigs {
-            aes_first: self.server_config(SuiteOrder::AesFirst)?,
-            client_order: self.server_config(SuiteOrder::Client)?,
+            aes_first: self.server_config(SuiteOrder::AesFirst, ticketer)?,
+            client_order: self.server_config(SuiteOrder::Client, ticketer)?,
         }))
     }
 
     /// Builds one rustls server configuration (ALPN `http/1.1`).
-    fn server_config(&self, order: SuiteOrder) -> Result<Arc<ServerConfig>, TlsError> {
+    fn server_config(
+        &self,
+        order: SuiteOrder,
+        ticketer: &Arc<dyn ProducesTickets>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let versions: &[&'static rustls::SupportedProtocolVersion] = match self.min_version {
             TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
@@ -283,7 +294,20 @@ impl TlsMaterial {
         let mut config = builder.with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         config.ignore_client_order = order == SuiteOrder::AesFirst;
+        self.set_resumption(&mut config, ticketer);
         Ok(Arc::new(config))
+    }
+
+    /// Session resumption (CONTRACT §12): stateless tickets only. No
+    /// server-side session cache: it would cost memory per client, and each
+    /// of the two configurations would have its own.
+    fn set_resumption(&self, config: &mut ServerConfig, ticketer: &Arc<dyn ProducesTickets>) {
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        if self.session_tickets {
+            config.ticketer = ticketer.clone();
+        } else {
+            config.send_tls13_tickets = 0;
+        }
     }
 }
 
@@ -368,17 +392,32 @@ pub fn validate(settings: &TlsSettings, errors: &mut Vec<String>) {
     }
 }
 
+/// The session-ticket keys of the daemon's life (CONTRACT §12): rustls'
+/// ring ticketer, ChaCha20-Poly1305 keys generated in memory and rotated
+/// every 6 hours (tickets of the previous key stay valid for one more
+/// period). Never written anywhere: a restart invalidates every ticket.
+pub fn session_ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
+    Ok(rustls::crypto::ring::Ticketer::new()?)
+}
+
 /// The current server configurations, swapped atomically on reload.
 pub struct TlsState {
     current: ArcSwap<ServerConfigs>,
+    ticketer: Arc<dyn ProducesTickets>,
 }
 
 impl TlsState {
-    /// Wraps the initial configurations.
-    pub fn new(configs: Arc<ServerConfigs>) -> Self {
+    /// Wraps the initial configurations and the ticketer they share.
+    pub fn new(configs: Arc<ServerConfigs>, ticketer: Arc<dyn ProducesTickets>) -> Self {
         TlsState {
             current: ArcSwap::new(configs),
+            ticketer,
         }
+    }
+
+    /// The session-ticket keys, kept across reloads so tickets stay valid.
+    pub fn ticketer(&self) -> &Arc<dyn ProducesTickets> {
+        &self.ticketer
     }
 
     /// The configuration a handshake with this ClientHello uses.
@@ -413,14 +452,18 @@ mod tests {
             key: None,
             min_version: TlsMinVersion::Tls12,
             client_ca: None,
+            session_tickets: true,
         };
         let m = TlsMaterial::load(&settings, Some(&dev)).expect("material");
+        let ticketer = session_ticketer().expect("ticketer");
         for order in [SuiteOrder::AesFirst, SuiteOrder::Client] {
-            let cfg = m.server_config(order).expect("config");
+            let cfg = m.server_config(order, &ticketer).expect("config");
             assert_eq!(cfg.alpn_protocols, vec![b"http/1.1".to_vec()]);
             assert_eq!(cfg.ignore_client_order, order == SuiteOrder::AesFirst);
         }
-        let aes_first = m.server_config(SuiteOrder::AesFirst).expect("config");
+        let aes_first = m
+            .server_config(SuiteOrder::AesFirst, &ticketer)
+            .expect("config");
         let names: Vec<CipherSuite> = aes_first
             .crypto_provider()
             .cipher_suites
@@ -442,6 +485,33 @@ mod tests {
         );
     }
 
+    /// `tls.session_tickets`: both configurations issue tickets of the one
+    /// ticketer when on; nothing is issued or cached when off.
+    #[test]
+    fn session_tickets_switch_resumption_on_and_off() {
+        let dev = generate_dev_cert().expect("dev cert");
+        let ticketer = session_ticketer().expect("ticketer");
+        for on in [true, false] {
+            let settings = TlsSettings {
+                cert: None,
+                key: None,
+                min_version: TlsMinVersion::Tls12,
+                client_ca: None,
+                session_tickets: on,
+            };
+            let m = TlsMaterial::load(&settings, Some(&dev)).expect("material");
+            for order in [SuiteOrder::AesFirst, SuiteOrder::Client] {
+                let cfg = m.server_config(order, &ticketer).expect("config");
+                assert_eq!(cfg.ticketer.enabled(), on);
+                assert_eq!(cfg.send_tls13_tickets > 0, on);
+                assert!(!cfg.session_storage.can_cache());
+                if on {
+                    assert!(Arc::ptr_eq(&cfg.ticketer, &ticketer));
+                }
+            }
+        }
+    }
+
     #[test]
     fn mismatched_key_is_named() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -458,6 +528,7 @@ mod tests {
                 key: Some(key),
                 min_version: TlsMinVersion::Tls12,
                 client_ca: None,
+                session_tickets: true,
             },
             &mut errors,
         );
@@ -477,6 +548,7 @@ mod tests {
                 key: Some("/nonexistent/k.pem".into()),
                 min_version: TlsMinVersion::Tls12,
                 client_ca: None,
+                session_tickets: true,
             },
             &mut errors,
         );

@@ -712,7 +712,7 @@ async fn the_real_binary_never_logs_tokens_and_reloads_keys_on_sighup() {
         daemon_config(&cert, "debug,wsbroker=trace", &auth_lines(&k1_path)),
     )
     .expect("config");
-    let d = common::daemon::Daemon::start(&config);
+    let d = common::daemon::Daemon::start(common::daemon::serve_command(&config));
     let tls = common::client_config(&cert.cert_der);
     let mut tokens: Vec<String> = Vec::new();
     fn mint(tokens: &mut Vec<String>, s: &Signer, sub: &str) -> String {

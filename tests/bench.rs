@@ -451,3 +451,38 @@ async fn receivers_pong_with_the_ping_payload_and_close_with_1000() {
         assert!(s.other.is_empty(), "{s:?}");
     }
 }
+
+/// `--reconnect` (issue 15): every connection is opened with a full
+/// handshake, closed, and reopened with its own saved session; the server
+/// counts exactly those resumptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_resumes_every_connection() {
+    let _serial = SERIAL.lock().await;
+    let srv = TestServer::start(&[]).await;
+    let resumed_before = sample(&srv, "wsbroker_tls_resumed_total").await;
+    let a = args(
+        &srv,
+        &[
+            "--connections-only",
+            "40",
+            "--reconnect",
+            "--connect-concurrency",
+            "8",
+        ],
+    );
+    let r = run(&a).await;
+    assert_eq!(r.mode, "reconnect");
+    assert_eq!(r.connect_errors, 0, "{:?}", r.first_connect_error);
+    let storms = r.reconnect.as_ref().expect("reconnect figures");
+    assert_eq!(storms.full.connections, 40);
+    assert_eq!(storms.full.resumed, 0, "first handshakes are full");
+    assert_eq!(storms.resumed.connections, 40);
+    assert_eq!(storms.resumed.resumed, 40, "each reconnect resumed");
+    assert!(storms.full.per_s > 0.0 && storms.resumed.per_s > 0.0);
+    assert_eq!(
+        sample(&srv, "wsbroker_tls_resumed_total").await - resumed_before,
+        40.0
+    );
+    let json = serde_json::to_value(&r).expect("json");
+    assert_eq!(json["reconnect"]["resumed"]["resumed"], json!(40));
+}

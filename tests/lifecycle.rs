@@ -240,7 +240,13 @@ async fn ws_connect(
 
 /// The leaf certificate a fresh TLS handshake presents.
 async fn served_cert(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> CertificateDer<'static> {
-    let stream = tls_connect(addr, tls).await.expect("tls handshake");
+    // No saved session: a resumed one (CONTRACT §12) reports the certificate
+    // of the handshake it resumes, not the one served now.
+    let mut fresh = (**tls).clone();
+    fresh.resumption = rustls::client::Resumption::disabled();
+    let stream = tls_connect(addr, &Arc::new(fresh))
+        .await
+        .expect("tls handshake");
     let (_, conn) = stream.get_ref();
     conn.peer_certificates().expect("server certificate")[0]
         .clone()

@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{self, ClientError, ClientOptions, Target};
 
 mod receiver;
+pub mod reconnect;
 
 use receiver::{Inlets, Receivers};
 
@@ -102,6 +103,11 @@ pub struct BenchArgs {
     /// Threads reading the subscribers' sockets
     #[arg(long, default_value_t = 1)]
     pub receiver_threads: usize,
+    /// With --connections-only N: a reconnect storm. Open N connections
+    /// (full TLS handshakes, each keeping its session ticket), close them
+    /// all, reopen each with its saved session; report both storms
+    #[arg(long, requires = "connections_only")]
+    pub reconnect: bool,
 }
 
 /// Why a bench could not run.
@@ -164,7 +170,7 @@ pub struct LatencyMs {
 /// The result of a bench run; printed as one JSON object by `main`.
 #[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
-    /// "fanout" or "connections_only".
+    /// "fanout", "connections_only" or "reconnect".
     pub mode: &'static str,
     /// Messages sent by the publishers.
     pub published: u64,
@@ -230,6 +236,9 @@ pub struct BenchReport {
     pub payload: usize,
     /// --topics.
     pub topics: usize,
+    /// The two storms of `--reconnect` (full, then resumed handshakes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<reconnect::ReconnectReport>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -418,6 +427,9 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             flag: "connect-concurrency",
             reason: "must be at least 1".into(),
         });
+    }
+    if let (true, Some(n)) = (args.reconnect, args.connections_only) {
+        return reconnect_report(args, n).await;
     }
     let connections_only = args.connections_only.is_some();
     let (n_subs, n_wild, n_pubs) = match args.connections_only {
@@ -1108,6 +1120,45 @@ impl FrameGen {
         self.seq += 1;
         Message::text(self.buf.as_str())
     }
+}
+
+/// `--reconnect`: the storms, with the headline fields taken from the
+/// resumed one (connections, errors, rate, server CPU).
+async fn reconnect_report(args: &BenchArgs, n: usize) -> Result<BenchReport, BenchError> {
+    if n == 0 {
+        return Err(BenchError::Usage {
+            flag: "connections-only",
+            reason: "must be at least 1 with --reconnect".into(),
+        });
+    }
+    if args.connect_concurrency == 0 {
+        return Err(BenchError::Usage {
+            flag: "connect-concurrency",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let storms = reconnect::run(args, n).await?;
+    let r = &storms.resumed;
+    Ok(BenchReport {
+        mode: "reconnect",
+        connections: r.connections,
+        connect_errors: storms.full.errors + r.errors,
+        first_connect_error: storms
+            .full
+            .first_error
+            .clone()
+            .or_else(|| r.first_error.clone()),
+        connect_per_s: r.per_s,
+        connect_seconds: r.seconds,
+        connect_client_cpu_seconds: r.client_cpu_seconds,
+        connect_server_cpu_seconds: r.server_cpu_seconds,
+        server_rss_bytes: args.server_pid.and_then(read_rss),
+        rate: args.rate.clone(),
+        payload: args.payload,
+        topics: args.topics,
+        reconnect: Some(storms),
+        ..BenchReport::default()
+    })
 }
 
 /// User + system CPU seconds of this process.

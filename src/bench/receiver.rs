@@ -229,7 +229,10 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// The WebSocket upgrade, by hand so that nothing the server sends right
 /// after its 101 is lost: returns those bytes (the start of the frames).
-async fn upgrade<S>(io: &mut S, request: &client::UpgradeRequest) -> Result<Vec<u8>, ClientError>
+pub(super) async fn upgrade<S>(
+    io: &mut S,
+    request: &client::UpgradeRequest,
+) -> Result<Vec<u8>, ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

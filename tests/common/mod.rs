@@ -325,3 +325,14 @@ pub async fn publish(ws: &mut Ws, topic: &str, data: Value, id: u64) {
         "publish {topic}"
     );
 }
+
+pub mod raw;
+
+impl TestServer {
+    /// A TLS connection upgraded by hand, for the raw client in [`raw`].
+    pub async fn raw_ws(&self) -> TlsStream<TcpStream> {
+        let mut tls = self.tls().await;
+        raw::upgrade(&mut tls).await.expect("raw upgrade");
+        tls
+    }
+}
