@@ -134,6 +134,36 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// `[cluster]` (CONTRACT §11): several nodes as one broker over NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// NATS server URLs (`nats://` or `tls://`); empty: single node.
+    pub nats_url: Vec<String>,
+    /// Topic `T` travels on the NATS subject `<subject_prefix>.T`.
+    pub subject_prefix: String,
+    /// This node's name (logs, `/readyz`, the NATS client name).
+    pub node_name: String,
+    /// A NATS `.creds` file (JWT + NKey seed).
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user (with `nats_password`).
+    pub nats_user: String,
+    /// NATS password.
+    pub nats_password: String,
+    /// NATS token.
+    pub nats_token: String,
+    /// PEM CA for `tls://` URLs; `None`: the system trust store.
+    pub nats_ca: Option<PathBuf>,
+    /// `/readyz` answers 503 once the NATS link has been down this long; zero: never.
+    pub unready_after: Duration,
+}
+
+impl ClusterSettings {
+    /// True when at least one NATS URL is configured.
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -149,6 +179,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `[log]`
     pub log: LogSettings,
+    /// `[cluster]`
+    pub cluster: ClusterSettings,
     /// True when started with `--dev` (generated certificate when none is configured).
     pub dev: bool,
 }
@@ -218,6 +250,20 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     ("admin", &["listen", "publish_token"]),
     ("log", &["level", "format"]),
+    (
+        "cluster",
+        &[
+            "nats_url",
+            "subject_prefix",
+            "node_name",
+            "nats_creds",
+            "nats_user",
+            "nats_password",
+            "nats_token",
+            "nats_ca",
+            "unready_after",
+        ],
+    ),
 ];
 
 /// Origins allowed by `--dev`.
@@ -464,6 +510,23 @@ impl Section<'_> {
             None
         } else {
             Some(PathBuf::from(s))
+        }
+    }
+
+    /// Like `duration`, but "0s" is allowed (it means "never" for the key).
+    fn duration_or_zero(&mut self, key: &str, default: Duration) -> Duration {
+        match self.take(key) {
+            Some(v)
+                if matches!(&v.kind, ValueKind::String(s)
+                    if humantime::parse_duration(s.trim()).is_ok_and(|d| d.is_zero())) =>
+            {
+                Duration::ZERO
+            }
+            Some(v) => {
+                self.values.insert(key.to_string(), v);
+                self.duration(key, default)
+            }
+            None => default,
         }
     }
 
@@ -746,8 +809,77 @@ fn from_tree(
         LogSettings { level, format }
     };
 
+    let cluster = {
+        let values = section("cluster");
+        let mut s = Section {
+            name: "cluster",
+            values,
+            errors: &mut errors,
+        };
+        let nats_url = s.strings("nats_url", &[]);
+        for (i, url) in nats_url.iter().enumerate() {
+            if let Err(e) = crate::cluster::check_url(url) {
+                let key = if nats_url.len() > 1 {
+                    format!("nats_url[{i}]")
+                } else {
+                    "nats_url".to_string()
+                };
+                s.err(&key, e);
+            }
+        }
+        let subject_prefix = s.string("subject_prefix", "wsbroker");
+        if let Err(e) = crate::protocol::validate_topic(&subject_prefix, false) {
+            s.err(
+                "subject_prefix",
+                format!("`{subject_prefix}` is not a topic without wildcards: {e}"),
+            );
+        }
+        let mut node_name = s.string("node_name", "");
+        if node_name.trim().is_empty() {
+            node_name = crate::cluster::default_node_name();
+        } else if node_name.chars().any(|c| c.is_control()) {
+            s.err("node_name", "must not contain control characters");
+        }
+        let nats_creds = s.path("nats_creds");
+        let nats_user = s.string("nats_user", "");
+        let nats_password = s.string("nats_password", "");
+        let nats_token = s.string("nats_token", "");
+        let nats_ca = s.path("nats_ca");
+        let methods = [
+            nats_creds.is_some(),
+            !nats_user.is_empty() || !nats_password.is_empty(),
+            !nats_token.is_empty(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            s.err(
+                "nats_creds",
+                "give one of nats_creds, nats_user/nats_password or nats_token",
+            );
+        }
+        if nats_user.is_empty() != nats_password.is_empty() {
+            s.err(
+                "nats_user",
+                "nats_user and nats_password must be given together",
+            );
+        }
+        let unready_after = s.duration_or_zero("unready_after", Duration::from_secs(10));
+        s.finish();
+        ClusterSettings {
+            nats_url,
+            subject_prefix,
+            node_name,
+            nats_creds,
+            nats_user,
+            nats_password,
+            nats_token,
+            nats_ca,
+            unready_after,
+        }
+    };
+
     if check_files {
         crate::tls::validate(&tls, &mut errors);
+        crate::cluster::validate_files(&cluster, &mut errors);
     }
     if errors.is_empty() {
         Ok(Settings {
@@ -757,6 +889,7 @@ fn from_tree(
             connection,
             admin,
             log,
+            cluster,
             dev,
         })
     } else {

@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
-use crate::config::{AdminSettings, ConnectionSettings, LogSettings, ServerSettings, Settings};
+use crate::config::{
+    AdminSettings, ClusterSettings, ConnectionSettings, LogSettings, ServerSettings, Settings,
+};
 use crate::handshake::{self, Refusal, Rules};
 use crate::logging::RateLimit;
 use crate::metrics::{Metrics, RejectReason};
@@ -42,6 +44,9 @@ pub enum ServerError {
     /// Origin patterns did not parse.
     #[error("origins.allow: {0}")]
     Origins(String),
+    /// The cluster link could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Over-limit handshakes answered with a 503 at once; beyond this they are
@@ -163,6 +168,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The generated certificate in dev mode.
     pub dev_cert: Option<DevCert>,
+    /// The NATS link when `cluster.nats_url` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     next_id: AtomicU64,
     accept_log: RateLimit,
     reject_log: RateLimit,
@@ -217,8 +224,23 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
     };
+    let broker = Arc::new(Broker::new(metrics));
+    let hard = CancellationToken::new();
+    let cluster = if settings.cluster.enabled() {
+        Some(
+            crate::cluster::start(
+                &settings.cluster,
+                settings.server.max_message_size,
+                broker.clone(),
+                hard.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
-        broker: Arc::new(Broker::new(metrics)),
+        broker,
         metrics,
         tls,
         origins: ArcSwap::from_pointee(origins),
@@ -230,10 +252,11 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         settings: ArcSwap::from_pointee(settings),
         stop_accepting: CancellationToken::new(),
         drain: CancellationToken::new(),
-        hard: CancellationToken::new(),
+        hard,
         tracker: TaskTracker::new(),
         ready: AtomicBool::new(true),
         dev_cert,
+        cluster,
         next_id: AtomicU64::new(1),
         accept_log: RateLimit::new(Duration::from_secs(1)),
         reject_log: RateLimit::new(Duration::from_secs(1)),
@@ -379,6 +402,8 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<String> {
         max_subscriptions, max_inbound_rate, ping_interval, idle_timeout; reloaded:);
     diff!(AdminSettings admin: listen; reloaded: publish_token);
     diff!(LogSettings log: format; reloaded: level);
+    diff!(ClusterSettings cluster: nats_url, subject_prefix, node_name, nats_creds, nats_user,
+        nats_password, nats_token, nats_ca, unready_after; reloaded:);
     keys
 }
 
