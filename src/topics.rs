@@ -635,7 +635,7 @@ mod tests {
         let mut seen = Vec::new();
         idx.for_each_pattern(|p| seen.push(p.to_string()));
         seen.sort();
-        assert_eq!(seen, vec![">", "*.c.>", "a.*", "a.>", "a.b"]);
+        assert_eq!(seen, vec!["*.c.>", ">", "a.*", "a.>", "a.b"]);
         assert_eq!(seen.len(), idx.pattern_count());
     }
 }
