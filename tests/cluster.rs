@@ -536,3 +536,50 @@ fn check_config_validates_the_cluster_section() {
         "{err}"
     );
 }
+
+/// `wsbroker bench` with several `--url`s: subscribers round-robin over the
+/// nodes, publishers on the first; nothing is lost across the NATS leg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_spreads_subscribers_over_several_nodes() {
+    let nats = NatsServer::start(&[]).await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let ca = a.cert.dir.path().join("both.pem");
+    std::fs::write(
+        &ca,
+        [
+            std::fs::read_to_string(&a.cert.cert_path).expect("cert a"),
+            std::fs::read_to_string(&b.cert.cert_path).expect("cert b"),
+        ]
+        .concat(),
+    )
+    .expect("write ca");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wsbroker"));
+    cmd.args(["bench", "--url"])
+        .arg(format!("wss://localhost:{}/ws", a.addr.port()))
+        .arg("--url")
+        .arg(format!("wss://localhost:{}/ws", b.addr.port()))
+        .args(["--origin", ORIGIN, "--ca"])
+        .arg(&ca)
+        .args(["--subscribers", "20", "--rate", "500", "--duration", "2s"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["lost"], json!(0), "{report}");
+    assert!(
+        report["delivered"].as_u64().unwrap_or(0) >= 20 * 900,
+        "{report}"
+    );
+    // Half of the subscribers were on node-b, fed through NATS.
+    let b_delivered = metric(&b.metrics().await, "wsbroker_messages_delivered_total");
+    assert!(
+        b_delivered >= 10.0 * 900.0,
+        "node-b delivered {b_delivered}"
+    );
+    let received = metric_of(&b, "wsbroker_cluster_messages_received_total").await;
+    assert!(received >= 900.0, "node-b received {received} from NATS");
+}
