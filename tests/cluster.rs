@@ -583,3 +583,63 @@ async fn bench_spreads_subscribers_over_several_nodes() {
     let received = metric_of(&b, "wsbroker_cluster_messages_received_total").await;
     assert!(received >= 900.0, "node-b received {received} from NATS");
 }
+
+/// `tls://` with `nats_ca` (the test's own CA) and token authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_token_to_nats() {
+    let cert = make_cert();
+    let cert_path = cert.cert_path.display().to_string();
+    let key_path = cert.key_path.display().to_string();
+    let nats = NatsServer::start(&[
+        "--tls",
+        "--tlscert",
+        &cert_path,
+        "--tlskey",
+        &key_path,
+        "--auth",
+        "t0ken",
+    ])
+    .await;
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let extra = format!("nats_token = \"t0ken\"\nnats_ca = \"{cert_path}\"\n");
+    let a = Node::start(&cluster_toml(&url, "node-a", &extra)).await;
+    let b = Node::start(&cluster_toml(&url, "node-b", &extra)).await;
+    wait_until(WAIT, "both connected over TLS", || async {
+        metric_of(&a, "wsbroker_cluster_connected").await == 1.0
+            && metric_of(&b, "wsbroker_cluster_connected").await == 1.0
+    })
+    .await;
+    let mut on_b = b.ws().await;
+    subscribe(&mut on_b, "tls.x", 1).await;
+    wait_subs(&nats, "node-b", &["wsbroker.tls.x"]).await;
+    let connz = nats.monitor("/connz").await;
+    let tls_version = connz["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "node-b")
+        .map(|c| c["tls_version"].clone());
+    assert!(
+        tls_version
+            .as_ref()
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("1.")),
+        "node-b's NATS connection is not TLS: {tls_version:?}"
+    );
+    let mut pub_a = a.ws().await;
+    publish(&mut pub_a, "tls.x", json!({"secure":true}), 1).await;
+    assert_eq!(
+        recv_message(&mut on_b).await,
+        message("tls.x", json!({"secure":true}))
+    );
+    // Without the CA the node cannot verify the server and stays out.
+    let untrusting = Node::start(&cluster_toml(&url, "node-c", "nats_token = \"t0ken\"\n")).await;
+    wait_until(WAIT, "untrusting node unready", || async {
+        untrusting.readyz().await.0 == 503
+    })
+    .await;
+    assert_eq!(
+        metric_of(&untrusting, "wsbroker_cluster_connected").await,
+        0.0
+    );
+}
