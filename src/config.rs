@@ -1018,3 +1018,87 @@ mod tests {
         assert!(s.tls.cert.is_none());
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let path = dir.path().join("c.toml");
+        let file = format!("[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{toml}");
+        std::fs::write(&path, file).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Settings::load_unchecked(&LoadOptions {
+            path: Some(path),
+            dev: false,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        })
+    }
+
+    #[test]
+    fn cluster_defaults_follow_the_contract() {
+        let c = load("", &[]).expect("valid").cluster;
+        assert!(!c.enabled());
+        assert_eq!(c.subject_prefix, "wsbroker");
+        assert_eq!(c.unready_after, Duration::from_secs(10));
+        // Host name and pid.
+        assert!(
+            c.node_name.ends_with(&format!("-{}", std::process::id())),
+            "{}",
+            c.node_name
+        );
+        assert_eq!((c.nats_creds, c.nats_ca), (None, None));
+    }
+
+    #[test]
+    fn cluster_keys_from_file_and_environment() {
+        let s = load(
+            "[cluster]\nnats_url = [\"nats://a:4222\"]\nunready_after = \"0s\"\nnode_name = \"n1\"\n",
+            &[
+                (
+                    "WSBROKER__CLUSTER__NATS_URL",
+                    "nats://10.0.0.5:4222,tls://10.0.0.6:4222",
+                ),
+                ("WSBROKER__CLUSTER__SUBJECT_PREFIX", "app.ws"),
+                ("WSBROKER__CLUSTER__NATS_TOKEN", "12345"),
+            ],
+        )
+        .expect("valid");
+        let c = s.cluster;
+        assert_eq!(
+            c.nats_url,
+            vec!["nats://10.0.0.5:4222", "tls://10.0.0.6:4222"]
+        );
+        assert_eq!(c.subject_prefix, "app.ws");
+        assert_eq!(c.nats_token, "12345");
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.unready_after, Duration::ZERO);
+        assert!(c.enabled());
+    }
+
+    #[test]
+    fn cluster_mistakes_name_their_key() {
+        let err = load(
+            "[cluster]\nnats_url = \"ws://a:1\"\nsubject_prefix = \"a.>\"\nnats_user = \"u\"\nnats_token = \"t\"\nunready_after = 5\n",
+            &[],
+        )
+        .expect_err("invalid")
+        .to_string();
+        for key in [
+            "cluster.nats_url: ",
+            "cluster.subject_prefix: ",
+            "cluster.nats_creds: give one of",
+            "cluster.nats_user: ",
+            "cluster.unready_after: ",
+        ] {
+            assert!(
+                err.lines().any(|l| l.starts_with(key)),
+                "no `{key}` in:\n{err}"
+            );
+        }
+    }
+}
