@@ -603,3 +603,79 @@ impl Receiver {
         Ok(text)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(unready_after: Duration) -> Link {
+        Link {
+            connected: AtomicBool::new(false),
+            ever_connected: AtomicBool::new(false),
+            down_since: Mutex::new(Instant::now()),
+            last_error: Mutex::new(String::new()),
+            node_name: "n1".into(),
+            unready_after,
+            metrics: crate::metrics::cluster_metrics(),
+            error_log: crate::logging::RateLimit::new(Duration::from_secs(5)),
+        }
+    }
+
+    #[test]
+    fn only_nats_and_tls_urls_with_a_host() {
+        assert!(check_url("nats://10.0.0.5:4222").is_ok());
+        assert!(check_url("tls://nats.example.com:4222").is_ok());
+        assert!(check_url("nats://user:pass@127.0.0.1").is_ok());
+        for bad in [
+            "ws://a:1",
+            "wss://a:1",
+            "http://a",
+            "10.0.0.5:4222",
+            "nats://",
+            "tls://:4222",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_five_seconds_with_jitter() {
+        for attempt in 0..100 {
+            let d = backoff(attempt);
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_secs(5),
+                "{d:?}"
+            );
+        }
+        assert!(backoff(0) <= Duration::from_millis(100));
+        assert!(backoff(20) >= Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn unready_after_the_delay_with_the_reason_and_never_when_zero() {
+        let never = link(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(never.unready_reason(), None);
+
+        let l = link(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
+        l.error("authorization violation".into());
+        let reason = l.unready_reason().expect("unready");
+        assert!(
+            reason.contains("NATS link down") && reason.contains("node n1"),
+            "{reason}"
+        );
+        assert!(
+            reason.ends_with("last error: authorization violation"),
+            "{reason}"
+        );
+        l.on_event(Event::Connected);
+        assert_eq!(l.unready_reason(), None);
+        assert!(l.is_connected());
+        // Down again: the delay starts over.
+        l.on_event(Event::Disconnected);
+        assert_eq!(l.unready_reason(), None);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(l.unready_reason().is_some());
+    }
+}
