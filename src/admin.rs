@@ -107,10 +107,12 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
         }
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if shared.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !shared.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if let Some(reason) = cluster_unready(shared) {
+                text(StatusCode::SERVICE_UNAVAILABLE, reason + "\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::POST, "/publish") => publish(req, shared).await,
@@ -127,6 +129,11 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// CONTRACT §11: 503 once the NATS link has been down `cluster.unready_after`.
+fn cluster_unready(shared: &Shared) -> Option<String> {
+    shared.cluster.as_ref()?.unready_reason()
 }
 
 fn authorized(req: &Request<Incoming>, token: &str) -> bool {

@@ -43,8 +43,26 @@ pub struct Fanout {
     pub disconnected: usize,
 }
 
+/// A change in the set of distinct subscribed patterns, reported to the
+/// cluster (CONTRACT §11: one NATS subscription per distinct pattern).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    /// The pattern got its first subscriber.
+    Added(Box<str>),
+    /// The pattern's last subscriber left.
+    Removed(Box<str>),
+}
+
+/// The cluster's hooks into the broker, set once when the cluster starts.
+struct ClusterHooks {
+    interest: tokio::sync::mpsc::UnboundedSender<Interest>,
+    forward: crate::cluster::Forwarder,
+}
+
 /// Subscriptions and message routing.
 pub struct Broker {
+    /// Unset on a single node: then no cluster code runs on any path.
+    cluster: std::sync::OnceLock<ClusterHooks>,
     index: RwLock<TopicIndex<Arc<Subscriber>>>,
     /// Every open connection, for inspection (queue occupancy) and drain.
     registry: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Subscriber>>>,
@@ -58,11 +76,47 @@ impl Broker {
     /// An empty broker reporting into `metrics`.
     pub fn new(metrics: &'static Metrics) -> Self {
         Broker {
+            cluster: std::sync::OnceLock::new(),
             index: RwLock::new(TopicIndex::new()),
             registry: parking_lot::Mutex::new(std::collections::HashMap::new()),
             metrics,
             drop_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
             disconnect_log: crate::logging::RateLimit::new(std::time::Duration::from_secs(1)),
+        }
+    }
+
+    /// Connects the cluster: from now on pattern changes are sent to
+    /// `interest` (in index order, under the index lock) and every publish
+    /// is also handed to `forward`. False when a cluster was attached already.
+    pub fn attach_cluster(
+        &self,
+        interest: tokio::sync::mpsc::UnboundedSender<Interest>,
+        forward: crate::cluster::Forwarder,
+    ) -> bool {
+        let index = self.index.read();
+        // Patterns subscribed before the cluster started are reported first.
+        let mut patterns = Vec::new();
+        index.for_each_pattern(|p| patterns.push(Box::<str>::from(p)));
+        let attached = self
+            .cluster
+            .set(ClusterHooks {
+                interest: interest.clone(),
+                forward,
+            })
+            .is_ok();
+        if attached {
+            for p in patterns {
+                let _ = interest.send(Interest::Added(p));
+            }
+        }
+        attached
+    }
+
+    /// Tells the cluster (if any) about a pattern's first or last subscriber.
+    fn interest(&self, change: impl FnOnce() -> Interest) {
+        if let Some(hooks) = self.cluster.get() {
+            // Err only when the cluster task has ended (shutdown).
+            let _ = hooks.interest.send(change());
         }
     }
 
@@ -91,7 +145,11 @@ impl Broker {
     pub fn subscribe(&self, pattern: &str, sub: &Arc<Subscriber>) -> bool {
         let (added, patterns) = {
             let mut index = self.index.write();
+            let before = index.pattern_count();
             let added = index.insert(pattern, sub.id, sub.clone());
+            if index.pattern_count() > before {
+                self.interest(|| Interest::Added(pattern.into()));
+            }
             (added, index.pattern_count())
         };
         if added {
@@ -105,7 +163,11 @@ impl Broker {
     pub fn unsubscribe(&self, pattern: &str, id: u64) -> bool {
         let (removed, patterns) = {
             let mut index = self.index.write();
+            let before = index.pattern_count();
             let removed = index.remove(pattern, id);
+            if index.pattern_count() < before {
+                self.interest(|| Interest::Removed(pattern.into()));
+            }
             (removed, index.pattern_count())
         };
         if removed {
@@ -119,7 +181,17 @@ impl Broker {
     pub fn unsubscribe_all<'a>(&self, patterns: impl IntoIterator<Item = &'a str>, id: u64) {
         let (removed, count) = {
             let mut index = self.index.write();
-            let removed = patterns.into_iter().filter(|p| index.remove(p, id)).count();
+            let removed = patterns
+                .into_iter()
+                .filter(|p| {
+                    let before = index.pattern_count();
+                    let removed = index.remove(p, id);
+                    if index.pattern_count() < before {
+                        self.interest(|| Interest::Removed((*p).into()));
+                    }
+                    removed
+                })
+                .count();
             (removed, index.pattern_count())
         };
         if removed > 0 {
@@ -128,8 +200,24 @@ impl Broker {
         }
     }
 
-    /// Queues `frame` to every connection subscribed to `topic`.
+    /// Queues `frame` (built by `protocol::message_frame`) to every
+    /// connection subscribed to `topic`, and hands it to the cluster when
+    /// there is one (CONTRACT §11: local subscribers never wait for NATS).
     pub fn publish(&self, topic: &str, frame: &Bytes) -> Fanout {
+        let fanout = self.fan_out(topic, frame);
+        if let Some(hooks) = self.cluster.get() {
+            hooks.forward.forward(topic, frame);
+        }
+        fanout
+    }
+
+    /// Queues a message that came from NATS to this node's subscribers only.
+    pub fn deliver_remote(&self, topic: &str, frame: &Bytes) -> Fanout {
+        self.fan_out(topic, frame)
+    }
+
+    /// Queues `frame` to every connection subscribed to `topic`.
+    fn fan_out(&self, topic: &str, frame: &Bytes) -> Fanout {
         let now = Instant::now();
         let mut fanout = Fanout::default();
         {

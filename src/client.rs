@@ -40,7 +40,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClientOptions {
     /// wss:// URL of the broker endpoint, e.g. wss://localhost:8443/ws
-    #[arg(long)]
+    /// (`bench` takes several: subscribers round-robin over them)
+    #[arg(long = "url", value_name = "URL", required = true)]
+    pub urls: Vec<String>,
+    /// The first `--url` (set by [`ClientOptions::take_urls`]).
+    #[arg(skip)]
     pub url: String,
     /// Sent as the Origin header
     #[arg(long)]
@@ -54,6 +58,40 @@ pub struct ClientOptions {
     /// Bearer token (sent as Authorization: Bearer …)
     #[arg(long)]
     pub token: Option<String>,
+}
+
+impl ClientOptions {
+    /// Sets `url` to the first `--url`; more than one is a usage error
+    /// unless `several` (bench).
+    pub fn take_urls(&mut self, several: bool) -> Result<(), ClientError> {
+        if let Some(first) = self.urls.first() {
+            self.url = first.clone();
+        }
+        if self.urls.len() > 1 && !several {
+            return Err(ClientError::Url {
+                url: self.urls.join(" "),
+                reason: "--url given more than once (only bench takes several)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The URL to connect to: `url`, or the first `--url` when `url` is unset.
+    pub fn primary_url(&self) -> &str {
+        match self.urls.first() {
+            Some(first) if self.url.is_empty() => first,
+            _ => &self.url,
+        }
+    }
+
+    /// Every URL given (the single `url` when set directly).
+    pub fn all_urls(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
 }
 
 /// A client WebSocket over TLS over TCP.
@@ -393,7 +431,7 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
     local_addr: Option<IpAddr>,
 ) -> Result<WsStream, ClientError> {
-    let target = Target::resolve(&opts.url).await?;
+    let target = Target::resolve(opts.primary_url()).await?;
     connect_to(&target, opts, tls, local_addr, default_ws_config()).await
 }
 
@@ -752,7 +790,7 @@ pub async fn close_gracefully(ws: &mut WsStream) {
 pub async fn run_sub(opts: &ClientOptions, topics: &[String]) -> Result<(), ClientError> {
     if topics.is_empty() {
         return Err(ClientError::Url {
-            url: opts.url.clone(),
+            url: opts.primary_url().to_string(),
             reason: "no --topic given".into(),
         });
     }

@@ -182,6 +182,36 @@ pub struct AuthSettings {
     pub default_publish: Vec<String>,
 }
 
+/// `[cluster]` (CONTRACT §11): several nodes as one broker over NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// NATS server URLs (`nats://` or `tls://`); empty: single node.
+    pub nats_url: Vec<String>,
+    /// Topic `T` travels on the NATS subject `<subject_prefix>.T`.
+    pub subject_prefix: String,
+    /// This node's name (logs, `/readyz`, the NATS client name).
+    pub node_name: String,
+    /// A NATS `.creds` file (JWT + NKey seed).
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user (with `nats_password`).
+    pub nats_user: String,
+    /// NATS password.
+    pub nats_password: String,
+    /// NATS token.
+    pub nats_token: String,
+    /// PEM CA for `tls://` URLs; `None`: the system trust store.
+    pub nats_ca: Option<PathBuf>,
+    /// `/readyz` answers 503 once the NATS link has been down this long; zero: never.
+    pub unready_after: Duration,
+}
+
+impl ClusterSettings {
+    /// True when at least one NATS URL is configured.
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -199,6 +229,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// `[auth]`
     pub auth: AuthSettings,
+    /// `[cluster]`
+    pub cluster: ClusterSettings,
     /// True when started with `--dev` (generated certificate when none is configured).
     pub dev: bool,
 }
@@ -290,6 +322,20 @@ const KNOWN: &[(&str, &[&str])] = &[
             "anonymous_publish",
             "default_subscribe",
             "default_publish",
+        ],
+    ),
+    (
+        "cluster",
+        &[
+            "nats_url",
+            "subject_prefix",
+            "node_name",
+            "nats_creds",
+            "nats_user",
+            "nats_password",
+            "nats_token",
+            "nats_ca",
+            "unready_after",
         ],
     ),
 ];
@@ -538,6 +584,23 @@ impl Section<'_> {
             None
         } else {
             Some(PathBuf::from(s))
+        }
+    }
+
+    /// Like `duration`, but "0s" is allowed (it means "never" for the key).
+    fn duration_or_zero(&mut self, key: &str, default: Duration) -> Duration {
+        match self.take(key) {
+            Some(v)
+                if matches!(&v.kind, ValueKind::String(s)
+                    if humantime::parse_duration(s.trim()).is_ok_and(|d| d.is_zero())) =>
+            {
+                Duration::ZERO
+            }
+            Some(v) => {
+                self.values.insert(key.to_string(), v);
+                self.duration(key, default)
+            }
+            None => default,
         }
     }
 
@@ -824,9 +887,78 @@ fn from_tree(
 
     let auth = auth_section(section("auth"), &mut errors);
 
+    let cluster = {
+        let values = section("cluster");
+        let mut s = Section {
+            name: "cluster",
+            values,
+            errors: &mut errors,
+        };
+        let nats_url = s.strings("nats_url", &[]);
+        for (i, url) in nats_url.iter().enumerate() {
+            if let Err(e) = crate::cluster::check_url(url) {
+                let key = if nats_url.len() > 1 {
+                    format!("nats_url[{i}]")
+                } else {
+                    "nats_url".to_string()
+                };
+                s.err(&key, e);
+            }
+        }
+        let subject_prefix = s.string("subject_prefix", "wsbroker");
+        if let Err(e) = crate::protocol::validate_topic(&subject_prefix, false) {
+            s.err(
+                "subject_prefix",
+                format!("`{subject_prefix}` is not a topic without wildcards: {e}"),
+            );
+        }
+        let mut node_name = s.string("node_name", "");
+        if node_name.trim().is_empty() {
+            node_name = crate::cluster::default_node_name();
+        } else if node_name.chars().any(|c| c.is_control()) {
+            s.err("node_name", "must not contain control characters");
+        }
+        let nats_creds = s.path("nats_creds");
+        let nats_user = s.string("nats_user", "");
+        let nats_password = s.string("nats_password", "");
+        let nats_token = s.string("nats_token", "");
+        let nats_ca = s.path("nats_ca");
+        let methods = [
+            nats_creds.is_some(),
+            !nats_user.is_empty() || !nats_password.is_empty(),
+            !nats_token.is_empty(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            s.err(
+                "nats_creds",
+                "give one of nats_creds, nats_user/nats_password or nats_token",
+            );
+        }
+        if nats_user.is_empty() != nats_password.is_empty() {
+            s.err(
+                "nats_user",
+                "nats_user and nats_password must be given together",
+            );
+        }
+        let unready_after = s.duration_or_zero("unready_after", Duration::from_secs(10));
+        s.finish();
+        ClusterSettings {
+            nats_url,
+            subject_prefix,
+            node_name,
+            nats_creds,
+            nats_user,
+            nats_password,
+            nats_token,
+            nats_ca,
+            unready_after,
+        }
+    };
+
     if check_files {
         crate::tls::validate(&tls, &mut errors);
         crate::auth::validate(&auth, &mut errors);
+        crate::cluster::validate_files(&cluster, &mut errors);
     }
     if errors.is_empty() {
         Ok(Settings {
@@ -837,6 +969,7 @@ fn from_tree(
             admin,
             log,
             auth,
+            cluster,
             dev,
         })
     } else {
@@ -1076,5 +1209,89 @@ mod tests {
         assert_eq!(s.server.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
         assert_eq!(s.origins.allow.len(), 4);
         assert!(s.tls.cert.is_none());
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let path = dir.path().join("c.toml");
+        let file = format!("[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{toml}");
+        std::fs::write(&path, file).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Settings::load_unchecked(&LoadOptions {
+            path: Some(path),
+            dev: false,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        })
+    }
+
+    #[test]
+    fn cluster_defaults_follow_the_contract() {
+        let c = load("", &[]).expect("valid").cluster;
+        assert!(!c.enabled());
+        assert_eq!(c.subject_prefix, "wsbroker");
+        assert_eq!(c.unready_after, Duration::from_secs(10));
+        // Host name and pid.
+        assert!(
+            c.node_name.ends_with(&format!("-{}", std::process::id())),
+            "{}",
+            c.node_name
+        );
+        assert_eq!((c.nats_creds, c.nats_ca), (None, None));
+    }
+
+    #[test]
+    fn cluster_keys_from_file_and_environment() {
+        let s = load(
+            "[cluster]\nnats_url = [\"nats://a:4222\"]\nunready_after = \"0s\"\nnode_name = \"n1\"\n",
+            &[
+                (
+                    "WSBROKER__CLUSTER__NATS_URL",
+                    "nats://10.0.0.5:4222,tls://10.0.0.6:4222",
+                ),
+                ("WSBROKER__CLUSTER__SUBJECT_PREFIX", "app.ws"),
+                ("WSBROKER__CLUSTER__NATS_TOKEN", "12345"),
+            ],
+        )
+        .expect("valid");
+        let c = s.cluster;
+        assert_eq!(
+            c.nats_url,
+            vec!["nats://10.0.0.5:4222", "tls://10.0.0.6:4222"]
+        );
+        assert_eq!(c.subject_prefix, "app.ws");
+        assert_eq!(c.nats_token, "12345");
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.unready_after, Duration::ZERO);
+        assert!(c.enabled());
+    }
+
+    #[test]
+    fn cluster_mistakes_name_their_key() {
+        let err = load(
+            "[cluster]\nnats_url = \"ws://a:1\"\nsubject_prefix = \"a.>\"\nnats_user = \"u\"\nnats_token = \"t\"\nunready_after = 5\n",
+            &[],
+        )
+        .expect_err("invalid")
+        .to_string();
+        for key in [
+            "cluster.nats_url: ",
+            "cluster.subject_prefix: ",
+            "cluster.nats_creds: give one of",
+            "cluster.nats_user: ",
+            "cluster.unready_after: ",
+        ] {
+            assert!(
+                err.lines().any(|l| l.starts_with(key)),
+                "no `{key}` in:\n{err}"
+            );
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod handshake;

@@ -27,9 +27,19 @@ pub enum LogError {
 }
 
 fn filter(level: &str) -> Result<EnvFilter, LogError> {
-    EnvFilter::builder()
+    let filter = EnvFilter::builder()
         .parse(level)
-        .map_err(|e| LogError::Filter(level.to_string(), e.to_string()))
+        .map_err(|e| LogError::Filter(level.to_string(), e.to_string()))?;
+    // The NATS client logs every event at info, one line per message it
+    // drops as a slow consumer; the cluster logs what matters itself
+    // (rate-limited). An explicit `async_nats=…` directive still wins.
+    if level.contains("async_nats") {
+        return Ok(filter);
+    }
+    Ok(match "async_nats=warn".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    })
 }
 
 /// Installs the global subscriber (once per process; later calls only set the level).

@@ -123,19 +123,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sub { client, topics } => {
+        Command::Sub { mut client, topics } => {
+            if let Err(e) = client.take_urls(false) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let r = rt.block_on(wsbroker::client::run_sub(&client, &topics));
             finish(r, |e| e.is_usage())
         }
         Command::Pub {
-            client,
+            mut client,
             topic,
             data,
         } => {
+            if let Err(e) = client.take_urls(false) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let r = rt.block_on(wsbroker::client::run_pub(&client, &topic, &data));
             finish(r, |e| e.is_usage())
         }
-        Command::Bench(args) => match rt.block_on(wsbroker::bench::run(&args)) {
+        Command::Bench(mut args) => match args
+            .client
+            .take_urls(true)
+            .map_err(wsbroker::bench::BenchError::from)
+            .map(|()| rt.block_on(wsbroker::bench::run(&args)))
+            .and_then(|r| r)
+        {
             Ok(report) => match serde_json::to_string(&report) {
                 Ok(line) => {
                     println!("{line}");

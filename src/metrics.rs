@@ -517,3 +517,83 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 pub fn observe_latency(m: &Metrics, latency: Duration) {
     m.delivery_latency.record(latency.as_secs_f64());
 }
+
+/// The cluster's series (CONTRACT §7, §11), registered only when
+/// `cluster.nats_url` is set, so a single node exports none of them.
+pub struct ClusterMetrics {
+    /// wsbroker_cluster_connected
+    pub connected: Gauge,
+    /// wsbroker_cluster_subscriptions
+    pub subscriptions: Gauge,
+    /// wsbroker_cluster_messages_sent_total
+    pub sent: Counter,
+    /// wsbroker_cluster_messages_received_total
+    pub received: Counter,
+    /// wsbroker_cluster_reconnects_total
+    pub reconnects: Counter,
+    /// wsbroker_cluster_errors_total{reason="publish_failed"}
+    pub publish_failed: Counter,
+    /// wsbroker_cluster_errors_total{reason="slow_consumer"}
+    pub slow_consumer: Counter,
+    /// wsbroker_cluster_errors_total{reason="bad_payload"}
+    pub bad_payload: Counter,
+}
+
+static CLUSTER: OnceLock<ClusterMetrics> = OnceLock::new();
+
+/// The cluster's metric handles, registered (at zero) on first use.
+pub fn cluster_metrics() -> &'static ClusterMetrics {
+    CLUSTER.get_or_init(|| {
+        // The recorder must be installed before the handles are resolved.
+        let _ = metrics();
+        use metrics::{describe_counter, describe_gauge};
+        describe_gauge!(
+            "wsbroker_cluster_connected",
+            "1 while the NATS link is up, 0 otherwise."
+        );
+        describe_gauge!(
+            "wsbroker_cluster_subscriptions",
+            "NATS subscriptions this node holds (one per distinct local pattern)."
+        );
+        describe_counter!(
+            "wsbroker_cluster_messages_sent_total",
+            "Messages published to NATS."
+        );
+        describe_counter!(
+            "wsbroker_cluster_messages_received_total",
+            "Messages received from NATS for delivery (once per message, however many subscriptions matched)."
+        );
+        describe_counter!(
+            "wsbroker_cluster_reconnects_total",
+            "Times the NATS link came back after being lost."
+        );
+        describe_counter!(
+            "wsbroker_cluster_errors_total",
+            "Cluster messages lost, by reason."
+        );
+        let error = |r: &'static str| metrics::counter!("wsbroker_cluster_errors_total", "reason" => r);
+        let m = ClusterMetrics {
+            connected: metrics::gauge!("wsbroker_cluster_connected"),
+            subscriptions: metrics::gauge!("wsbroker_cluster_subscriptions"),
+            sent: metrics::counter!("wsbroker_cluster_messages_sent_total"),
+            received: metrics::counter!("wsbroker_cluster_messages_received_total"),
+            reconnects: metrics::counter!("wsbroker_cluster_reconnects_total"),
+            publish_failed: error("publish_failed"),
+            slow_consumer: error("slow_consumer"),
+            bad_payload: error("bad_payload"),
+        };
+        m.connected.set(0.0);
+        m.subscriptions.set(0.0);
+        for c in [
+            &m.sent,
+            &m.received,
+            &m.reconnects,
+            &m.publish_failed,
+            &m.slow_consumer,
+            &m.bad_payload,
+        ] {
+            c.increment(0);
+        }
+        m
+    })
+}

@@ -418,6 +418,18 @@ pub struct HttpPublish<'a> {
     pub data: &'a RawValue,
 }
 
+/// The raw `data` bytes inside a frame built by [`message_frame`] for
+/// `topic`, sliced without a copy (what the cluster sends to NATS).
+pub fn message_frame_data(frame: &Bytes, topic: &str) -> Bytes {
+    let header = header_len_from(frame.get(1).copied().unwrap_or(0));
+    let start = header + MESSAGE_HEAD.len() + topic.len() + MESSAGE_MID.len();
+    let end = frame.len().saturating_sub(1);
+    if start > end {
+        return Bytes::new();
+    }
+    frame.slice(start..end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,5 +636,18 @@ mod tests {
         assert_eq!(v["code"], "limit");
         assert_eq!(v["id"], 5);
         assert_eq!(v["message"], "too \"many\"");
+    }
+
+    #[test]
+    fn frame_data_is_the_raw_data() {
+        for data in [
+            "1",
+            r#"{"a":[1,2]}"#,
+            &format!("\"{}\"", "x".repeat(70_000)),
+            &format!("\"{}\"", "y".repeat(200)),
+        ] {
+            let f = message_frame("a.b", data);
+            assert_eq!(&message_frame_data(&f, "a.b")[..], data.as_bytes());
+        }
     }
 }

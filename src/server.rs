@@ -18,8 +18,8 @@ use tracing::{debug, info, warn};
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::{
-    AdminSettings, AuthMode, AuthSettings, ConnectionSettings, LogSettings, ServerSettings,
-    Settings,
+    AdminSettings, AuthMode, AuthSettings, ClusterSettings, ConnectionSettings, LogSettings,
+    ServerSettings, Settings,
 };
 use crate::handshake::{self, Refusal, Rules};
 use crate::logging::RateLimit;
@@ -52,6 +52,9 @@ pub enum ServerError {
     /// The sockets passed by the service manager do not fit `server.listen`.
     #[error(transparent)]
     Activation(#[from] crate::activation::ActivationError),
+    /// The cluster link could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Over-limit handshakes answered with a 503 at once; beyond this they are
@@ -178,6 +181,8 @@ pub struct Shared {
     pub auth: Arc<ArcSwap<Authenticator>>,
     /// Stops the refresh loop of the current `auth.jwks_url`.
     jwks_stop: Mutex<CancellationToken>,
+    /// The NATS link when `cluster.nats_url` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     next_id: AtomicU64,
     accept_log: RateLimit,
     reject_log: RateLimit,
@@ -266,8 +271,23 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
     };
+    let broker = Arc::new(Broker::new(metrics));
+    let hard = CancellationToken::new();
+    let cluster = if settings.cluster.enabled() {
+        Some(
+            crate::cluster::start(
+                &settings.cluster,
+                settings.server.max_message_size,
+                broker.clone(),
+                hard.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
-        broker: Arc::new(Broker::new(metrics)),
+        broker,
         metrics,
         tls,
         origins: ArcSwap::from_pointee(origins),
@@ -285,6 +305,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         dev_cert,
         auth: Arc::new(ArcSwap::from_pointee(auth)),
         jwks_stop: Mutex::new(jwks_stop),
+        cluster,
         next_id: AtomicU64::new(1),
         accept_log: RateLimit::new(Duration::from_secs(1)),
         reject_log: RateLimit::new(Duration::from_secs(1)),
@@ -456,6 +477,8 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<String> {
     diff!(AuthSettings auth: mode; reloaded: hmac_secret_file, public_keys, jwks_file, jwks_url,
         jwks_refresh, jwks_ca, allow_query_token, issuer, audience, leeway, auth_timeout,
         anonymous_subscribe, anonymous_publish, default_subscribe, default_publish);
+    diff!(ClusterSettings cluster: nats_url, subject_prefix, node_name, nats_creds, nats_user,
+        nats_password, nats_token, nats_ca, unready_after; reloaded:);
     keys
 }
 

@@ -307,6 +307,41 @@ impl<V> TopicIndex<V> {
     }
 }
 
+impl<V> TopicIndex<V> {
+    /// Calls f once per distinct pattern with at least one subscriber (any order).
+    pub fn for_each_pattern(&self, mut f: impl FnMut(&str)) {
+        fn walk<V>(node: &Node<V>, path: &mut String, f: &mut impl FnMut(&str)) {
+            if !node.full.is_empty() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push('>');
+                f(path);
+                path.truncate(len);
+            }
+            let children = node
+                .literals
+                .iter()
+                .map(|(seg, child)| (&**seg, child))
+                .chain(node.star.as_deref().map(|child| ("*", child)));
+            for (seg, child) in children {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(seg);
+                if !child.subs.is_empty() {
+                    f(path);
+                }
+                walk(child, path, f);
+                path.truncate(len);
+            }
+        }
+        walk(&self.root, &mut String::new(), &mut f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,5 +620,22 @@ mod tests {
             }
             prop_assert!(is_pruned(&ix));
         }
+    }
+
+    #[test]
+    fn for_each_pattern_lists_every_distinct_pattern() {
+        let idx = index(&[
+            ("a.b", 1),
+            ("a.*", 2),
+            ("a.>", 3),
+            (">", 4),
+            ("a.b", 5),
+            ("*.c.>", 6),
+        ]);
+        let mut seen = Vec::new();
+        idx.for_each_pattern(|p| seen.push(p.to_string()));
+        seen.sort();
+        assert_eq!(seen, vec!["*.c.>", ">", "a.*", "a.>", "a.b"]);
+        assert_eq!(seen.len(), idx.pattern_count());
     }
 }

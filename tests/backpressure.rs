@@ -131,7 +131,7 @@ async fn fast_reader(mut ws: Ws, progress: tokio::sync::watch::Sender<u64>) -> u
             "fast subscriber gets every message in order"
         );
         next += 1;
-        if next % CHUNK == 0 || next == N {
+        if next.is_multiple_of(CHUNK) || next == N {
             progress.send_replace(next);
         }
     }

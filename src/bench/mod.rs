@@ -56,6 +56,21 @@ const MAX_RATE_BATCH: usize = 256;
 /// Cap on messages a paced publisher sends per tick when it fell behind.
 const PACED_MAX_BATCH: u64 = 4096;
 
+/// Pause before publishing when subscribers are spread over several
+/// `--url`s (cluster nodes), for their NATS interest to propagate.
+const CLUSTER_SETTLE: Duration = Duration::from_secs(1);
+
+/// Resolves every `--url` for subscribers (the first one is `first`).
+async fn sub_targets(args: &BenchArgs, first: &Target) -> Result<Vec<Target>, BenchError> {
+    let mut targets = vec![first.clone()];
+    for url in args.client.all_urls().iter().skip(1) {
+        let mut t = Target::resolve(url).await?;
+        t.addrs.sort_by_key(|a| !a.is_ipv4());
+        targets.push(t);
+    }
+    Ok(targets)
+}
+
 /// Arguments of `wsbroker bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -330,6 +345,9 @@ struct Plan {
 /// State shared by all connection tasks.
 struct Ctx {
     target: Target,
+    /// Where subscriber `idx` connects: `sub_targets[idx % len]` (several
+    /// `--url`s spread subscribers over cluster nodes; publishers use the first).
+    sub_targets: Vec<Target>,
     opts: ClientOptions,
     tls: Arc<rustls::ClientConfig>,
     spread: bool,
@@ -357,6 +375,11 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The node subscriber `idx` connects to.
+    fn sub_target(&self, idx: usize) -> &Target {
+        &self.sub_targets[idx % self.sub_targets.len()]
+    }
+
     fn local_addr(&self, idx: usize) -> Option<IpAddr> {
         // 127.0.0.1..=250; the whole 127/8 is loopback on Linux.
         self.spread
@@ -458,11 +481,12 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         }
     }
 
-    let mut target = Target::resolve(&args.client.url).await?;
+    let mut target = Target::resolve(args.client.primary_url()).await?;
     // "localhost" often resolves to ::1 first while servers commonly listen
     // on IPv4 only: try IPv4 first so thousands of connections don't each
     // pay a refused attempt (the other family is still tried on failure).
     target.addrs.sort_by_key(|a| !a.is_ipv4());
+    let sub_targets = sub_targets(args, &target).await?;
     let mut tls = (*client::tls_config(&args.client)?).clone();
     // Every connection pays a full handshake, as in the reference figures.
     tls.resumption = rustls::client::Resumption::disabled();
@@ -481,6 +505,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         tls: Arc::new(tls),
         spread,
         pub_ws,
+        sub_targets,
         topics: args.topics,
         publishers: n_pubs,
         payload: args.payload,
@@ -522,7 +547,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     }
     eprintln!(
         "bench: opening {total} connections ({n_subs} subscribers, {n_wild} wildcard, {n_pubs} publishers) to {}",
-        args.client.url
+        args.client.all_urls().join(", ")
     );
     let connect_start = Instant::now();
     // Spawning waits for connect permits, so it runs beside the progress loop.
@@ -703,6 +728,11 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         Rate::PerSecond(r) => Some(r / pubs_ok as f64),
         Rate::Max => None,
     };
+    if ctx.sub_targets.len() > 1 {
+        // Subscribers on other nodes are reached through NATS: give their
+        // nodes' subscriptions time to reach the NATS server first.
+        tokio::time::sleep(CLUSTER_SETTLE).await;
+    }
     let publish_start = Instant::now();
     let plan = Arc::new(Plan {
         fanout,

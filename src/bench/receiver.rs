@@ -152,10 +152,10 @@ pub(super) struct Opened {
 /// Opens subscriber `idx`: TCP, TLS, upgrade, then subscribes to `topics`
 /// and waits for every ack.
 pub(super) async fn open(ctx: &Ctx, idx: usize, topics: &[String]) -> Result<Opened, ClientError> {
-    let request = client::upgrade_request(&ctx.target, &ctx.opts)?;
+    let target = ctx.sub_target(idx);
+    let request = client::upgrade_request(target, &ctx.opts)?;
     let (mut tls, mut buf) = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let mut tls =
-            client::connect_tls(&ctx.target, ctx.tls.clone(), ctx.local_addr(idx)).await?;
+        let mut tls = client::connect_tls(target, ctx.tls.clone(), ctx.local_addr(idx)).await?;
         let leftover = upgrade(&mut tls, &request).await?;
         Ok::<_, ClientError>((tls, leftover))
     })

@@ -336,3 +336,257 @@ impl TestServer {
         tls
     }
 }
+
+/// A real `nats-server` on free loopback ports (client and monitoring),
+/// killed by pid (SIGKILL) and reaped on drop.
+pub struct NatsServer {
+    pub child: Option<std::process::Child>,
+    pub port: u16,
+    pub monitor_port: u16,
+    pub args: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts `nats-server` on free ports with extra arguments (e.g. `--user`).
+    pub async fn start(args: &[&str]) -> NatsServer {
+        Self::start_on(free_port(), free_port(), args).await
+    }
+
+    /// Starts `nats-server` on the given ports; waits until it accepts.
+    pub async fn start_on(port: u16, monitor_port: u16, args: &[&str]) -> NatsServer {
+        let mut server = NatsServer {
+            child: None,
+            port,
+            monitor_port,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        server.restart().await;
+        server
+    }
+
+    /// (Re)starts the process on the same ports.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "nats-server already running");
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-m")
+            .arg(self.monitor_port.to_string())
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts (apt-get install nats-server)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let up = TcpStream::connect(("127.0.0.1", self.monitor_port))
+                .await
+                .is_ok()
+                && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok();
+            if up {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL (kill -9) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A monitoring endpoint's JSON (e.g. `/connz?subs=1`).
+    pub async fn monitor(&self, path: &str) -> Value {
+        let resp = admin_request(
+            SocketAddr::from(([127, 0, 0, 1], self.monitor_port)),
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("monitor {path}: {e}: {resp}"))
+    }
+
+    /// Every subscription subject of the client connection named `name`.
+    pub async fn subscriptions_of(&self, name: &str) -> Vec<String> {
+        let connz = self.monitor("/connz?subs=1").await;
+        let mut subs: Vec<String> = connz["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == name)
+            .flat_map(|c| {
+                c["subscriptions_list"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
+        subs.sort();
+        subs
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A WebSocket client to any wss address served with `tls`'s root.
+pub async fn ws_to(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> Ws {
+    let req = format!("wss://localhost:{}/ws", addr.port())
+        .into_client_request()
+        .expect("request");
+    let mut req = req;
+    req.headers_mut()
+        .insert("Origin", ORIGIN.parse().expect("header"));
+    let tcp = TcpStream::connect(addr).await.expect("tcp connect");
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("tls connect");
+    tokio_tungstenite::client_async(req, tls)
+        .await
+        .map(|(ws, _)| ws)
+        .expect("upgrade")
+}
+
+/// The real `wsbroker` binary serving wss and admin on free loopback ports,
+/// with extra TOML appended to its config file; killed (SIGKILL) on drop.
+pub struct Node {
+    pub child: Option<std::process::Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub cert: TestCert,
+    pub config: std::path::PathBuf,
+}
+
+/// The admin token every [`Node`] accepts on `POST /publish`.
+pub const NODE_PUBLISH_TOKEN: &str = "node-secret";
+
+impl Node {
+    /// Starts the binary; waits until the admin listener answers.
+    pub async fn start(extra_toml: &str) -> Node {
+        let cert = make_cert();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = cert.dir.path().join("node.toml");
+        let toml = format!(
+            "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[origins]\nallow = [\"{ORIGIN}\"]\n[admin]\nlisten = \"{admin}\"\npublish_token = \"{NODE_PUBLISH_TOKEN}\"\n[log]\nlevel = \"warn\"\n{extra_toml}\n",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wsbroker"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn wsbroker");
+        let node = Node {
+            child: Some(child),
+            addr,
+            admin,
+            tls: client_config(&cert.cert_der),
+            cert,
+            config,
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while TcpStream::connect(admin).await.is_err() || TcpStream::connect(addr).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "node did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    /// A connected WebSocket client.
+    pub async fn ws(&self) -> Ws {
+        ws_to(self.addr, &self.tls).await
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        admin_request(
+            self.admin,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    }
+
+    /// `GET /readyz`: (status code, body).
+    pub async fn readyz(&self) -> (u16, String) {
+        let resp = admin_request(
+            self.admin,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (code, body.to_string())
+    }
+
+    /// `POST /publish`: the raw response.
+    pub async fn http_publish(&self, topic: &str, data: Value) -> String {
+        let body = serde_json::json!({"topic": topic, "data": data}).to_string();
+        admin_request(
+            self.admin,
+            &format!(
+                "POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {NODE_PUBLISH_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
