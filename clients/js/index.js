@@ -5,11 +5,13 @@
 const SUBPROTOCOL = 'wsbroker.v1';
 const BEARER = 'wsbroker.bearer.';
 
-// Close codes after which the client stops instead of reconnecting: a normal
-// close started by the server, and the codes that mean the client itself is
-// at fault (reconnecting would only repeat the fault). 4003 is decided
-// separately (it depends on token()).
-const FINAL_CLOSE_CODES = new Set([1000, 1002, 1003, 1007, 1009, 1010]);
+// Close codes after which the client stops instead of reconnecting: only
+// a normal close (1000) started by the server, which wsbroker itself never
+// sends. 4003 is decided separately (it depends on token()); every other
+// code, and an abnormal close, reconnects. Nothing in flight is ever sent
+// twice, so a request that made the server close (e.g. 1009, too big) is not
+// repeated by the reconnect.
+const FINAL_CLOSE_CODES = new Set([1000]);
 
 /** An error carrying a machine-readable `code` (the server's, or one of this library's). */
 export class WsbrokerError extends Error {

@@ -64,7 +64,7 @@ export function within(p, what, timeoutMs = WAIT_MS) {
 
 /** A broker daemon: its own temp dir, certificate and ports. */
 export class Broker {
-  constructor({ extraToml = '', files = {} } = {}) {
+  constructor({ extraToml = '', serverToml = '', files = {} } = {}) {
     if (!existsSync(BIN)) throw new Error(`wsbroker binary not found at ${BIN} (run cargo build, or set WSBROKER_BIN)`);
     this.dir = mkdtempSync(join(tmpdir(), 'wsbroker-js-'));
     this.certPath = join(this.dir, 'cert.pem');
@@ -83,6 +83,7 @@ export class Broker {
     this.ca = readFileSync(this.certPath);
     for (const [name, content] of Object.entries(files)) writeFileSync(join(this.dir, name), content);
     this.extraToml = extraToml.replaceAll('{dir}', this.dir);
+    this.serverToml = serverToml;
     this.child = null;
     this.log = '';
   }
@@ -98,6 +99,7 @@ export class Broker {
           '[server]',
           `listen = "127.0.0.1:${this.port}"`,
           'shutdown_grace = "1s"',
+          this.serverToml,
           '[tls]',
           `cert = "${this.certPath}"`,
           `key = "${this.keyPath}"`,
