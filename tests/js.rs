@@ -185,8 +185,15 @@ fn js_client_reconnects_and_backoff() {
     run_suite(&["reconnect.test.mjs"], 7, &[]);
 }
 
+/// Needs the daemon's `[auth] mode = "jwt"` (CONTRACT §10).
+#[test]
+fn js_client_token_refresh_and_auth_closes() {
+    run_suite(&["auth.test.mjs"], 8, &[]);
+}
+
+/// Includes the page authenticating against a `mode = "jwt"` daemon.
 #[test]
 fn js_client_in_headless_chromium() {
     let chromium = chromium();
-    run_suite(&["browser.test.mjs"], 2, &[("CHROMIUM", &chromium)]);
+    run_suite(&["browser.test.mjs"], 3, &[("CHROMIUM", &chromium)]);
 }

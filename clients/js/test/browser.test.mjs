@@ -10,7 +10,16 @@ import { readFileSync, existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { Client } from '../index.js';
-import { Broker, inbox, waitFor } from './helpers.mjs';
+import { Broker, inbox, waitFor, mintJwt } from './helpers.mjs';
+
+const SECRET = 'browser-test-secret-0123456789abcdef';
+// What a page's backend would hand out: a short-lived token for user "web".
+const mint = (ttl = 60) =>
+  mintJwt(SECRET, {
+    sub: 'web',
+    exp: Math.floor(Date.now() / 1000) + ttl,
+    wsbroker: { subscribe: ['browser.>'], publish: ['fromBrowser.>'] },
+  });
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const LIBRARY = readFileSync(fileURLToPath(new URL('../index.js', import.meta.url)));
@@ -37,6 +46,7 @@ const PAGE = `<!doctype html>
 `;
 
 let broker;
+let authBroker;
 let server;
 let otherServer;
 let pageOrigin;
@@ -48,10 +58,14 @@ before(async () => {
     throw new Error(`Chromium not found at ${CHROMIUM}: apt-get install chromium (or set CHROMIUM)`);
   }
   broker = await new Broker().start();
+
   const serve = (req, res) => {
     if (req.url === '/') {
       res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
       res.end(PAGE);
+    } else if (req.url === '/token') {
+      res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
+      res.end(mint(3));
     } else if (req.url === '/index.js') {
       res.writeHead(200, { 'content-type': 'text/javascript; charset=utf-8' });
       res.end(LIBRARY);
@@ -89,6 +103,7 @@ after(async () => {
   await new Promise((r) => (server ? server.close(r) : r()));
   await new Promise((r) => (otherServer ? otherServer.close(r) : r()));
   await broker?.dispose();
+  await authBroker?.dispose();
 });
 
 test('in Chromium: the module connects with wsbroker.v1, subscribes, receives and publishes', async () => {
@@ -184,6 +199,80 @@ test('in Chromium: a page on an origin the broker does not allow never opens', a
     assert.equal(r.acked, false);
     assert.equal(r.code, 'timeout');
     assert.ok(r.errors.includes('connect_failed'));
+  } finally {
+    await page.close();
+  }
+});
+
+test('in Chromium with [auth] mode = "jwt": token() fetched by the page, refreshed before exp, forbidden by code', async () => {
+  // A daemon of its own (started here, so that the tests above do not depend on it).
+  authBroker = await new Broker({
+    files: { secret: SECRET },
+    extraToml: '[auth]\nmode = "jwt"\nhmac_secret_file = "{dir}/secret"\nleeway = "1s"\nauth_timeout = "2s"',
+  }).start();
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  page.on('pageerror', (e) => logs.push(String(e)));
+  try {
+    await page.goto(`${pageOrigin}/`);
+    await page.waitForFunction(() => window.loaded === true, null, { timeout: 15000 });
+    const r = await page.evaluate(async (url) => {
+      const { Client } = window.wsbroker;
+      window.tokenCalls = 0;
+      const client = new Client(url, {
+        // The page's backend hands out 3-second tokens.
+        token: async () => {
+          window.tokenCalls++;
+          return (await fetch('/token')).text();
+        },
+      });
+      window.client = client;
+      window.errors = [];
+      client.on('error', (e) => window.errors.push(e.code));
+      client.on('state', (s) => window.states.push(s));
+      await client.subscribe('browser.>', (msg) => window.received.push(msg)).ready;
+      let forbidden;
+      try {
+        await client.subscribe('elsewhere.>', () => {}).ready;
+      } catch (e) {
+        forbidden = e.code;
+      }
+      let publishForbidden;
+      try {
+        await client.publish('browser.x', 1);
+      } catch (e) {
+        publishForbidden = e.code;
+      }
+      return { forbidden, publishForbidden, offered: window.sockets.at(-1).protocols.length };
+    }, authBroker.url);
+    assert.deepEqual(r, { forbidden: 'forbidden', publishForbidden: 'forbidden', offered: 2 });
+
+    // Outlive the first 3-second token (+ 1 s leeway): refreshed in place.
+    await new Promise((res) => setTimeout(res, 5000));
+    const node = new Client(authBroker.url, {
+      WebSocket: authBroker.webSocket(),
+      token: () => mintJwt(SECRET, { sub: 'svc', exp: Math.floor(Date.now() / 1000) + 60, wsbroker: { publish: ['browser.>'], subscribe: ['fromBrowser.>'] } }),
+    });
+    try {
+      await node.publish('browser.in', { n: 2 });
+      await page.waitForFunction(() => window.received.length >= 1, null, { timeout: 10000 });
+      assert.deepEqual(await page.evaluate(() => window.received), [{ topic: 'browser.in', data: { n: 2 } }]);
+      const h = inbox();
+      await node.subscribe('fromBrowser.>', h).ready;
+      await page.evaluate(() => window.client.publish('fromBrowser.y', 'hi'));
+      assert.deepEqual(await h.next(), { topic: 'fromBrowser.y', data: 'hi' });
+    } finally {
+      node.close();
+    }
+    const after = await page.evaluate(() => ({ calls: window.tokenCalls, states: window.states, errors: window.errors }));
+    assert.ok(after.calls >= 2, `token() called ${after.calls} times`);
+    assert.deepEqual(after.states, ['connecting', 'open'], 'never reconnected');
+    assert.deepEqual(after.errors, []);
+    await page.evaluate(() => window.client.close());
+  } catch (e) {
+    e.message += `\npage console:\n${logs.join('\n')}`;
+    throw e;
   } finally {
     await page.close();
   }
