@@ -177,7 +177,7 @@ fn run_suite(files: &[&str], min_tests: usize, extra_env: &[(&str, &Path)]) {
 
 #[test]
 fn js_client_acks_dispatch_errors_close() {
-    run_suite(&["client.test.mjs"], 12, &[]);
+    run_suite(&["client.test.mjs"], 13, &[]);
 }
 
 #[test]
@@ -195,5 +195,5 @@ fn js_client_token_refresh_and_auth_closes() {
 #[test]
 fn js_client_in_headless_chromium() {
     let chromium = chromium();
-    run_suite(&["browser.test.mjs"], 3, &[("CHROMIUM", &chromium)]);
+    run_suite(&["browser.test.mjs"], 4, &[("CHROMIUM", &chromium)]);
 }

@@ -23,6 +23,8 @@ const mint = (ttl = 60) =>
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const LIBRARY = readFileSync(fileURLToPath(new URL('../index.js', import.meta.url)));
+// The documented example page, served from its place in the repository.
+const EXAMPLE = readFileSync(fileURLToPath(new URL('../../../docs/examples/browser.html', import.meta.url)));
 
 const PAGE = `<!doctype html>
 <meta charset="utf-8">
@@ -66,7 +68,10 @@ before(async () => {
     } else if (req.url === '/token') {
       res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
       res.end(mint(3));
-    } else if (req.url === '/index.js') {
+    } else if (req.url.startsWith('/docs/examples/browser.html')) {
+      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+      res.end(EXAMPLE);
+    } else if (req.url === '/index.js' || req.url === '/clients/js/index.js') {
       res.writeHead(200, { 'content-type': 'text/javascript; charset=utf-8' });
       res.end(LIBRARY);
     } else {
@@ -172,6 +177,27 @@ test('in Chromium: the module connects with wsbroker.v1, subscribes, receives an
   } catch (e) {
     e.message += `\npage console:\n${logs.join('\n')}`;
     throw e;
+  } finally {
+    await page.close();
+  }
+});
+
+test('in Chromium: the example page docs/examples/browser.html subscribes and publishes', async () => {
+  const page = await browser.newPage();
+  try {
+    await page.goto(`${pageOrigin}/docs/examples/browser.html?url=${encodeURIComponent(broker.url)}`);
+    await page.waitForFunction(() => document.getElementById('state').textContent === 'open', null, { timeout: 15000 });
+    await page.click('#subscribe button');
+    await page.waitForFunction(() => document.getElementById('log').textContent.includes('subscribed to chat.>'), null, { timeout: 10000 });
+    await page.click('#publish button');
+    await page.waitForFunction(
+      () => document.getElementById('log').textContent.includes('message on chat.room1: {"text":"hi"}'),
+      null,
+      { timeout: 10000 },
+    );
+    const log = await page.evaluate(() => document.getElementById('log').textContent);
+    assert.match(log, /published to chat\.room1/);
+    assert.doesNotMatch(log, /error|failed/);
   } finally {
     await page.close();
   }

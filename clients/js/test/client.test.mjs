@@ -315,3 +315,24 @@ test('topicMatches follows NATS wildcards', () => {
   for (const [p, t] of yes) assert.equal(topicMatches(p, t), true, `${p} ~ ${t}`);
   for (const [p, t] of no) assert.equal(topicMatches(p, t), false, `${p} !~ ${t}`);
 });
+
+test('the minified size stated in README.md is the measured one (esbuild --minify, within 0.3 kB)', async () => {
+  const { build } = await import('esbuild');
+  const { gzipSync } = await import('node:zlib');
+  const { readFileSync } = await import('node:fs');
+  const out = await build({
+    entryPoints: [new URL('../index.js', import.meta.url).pathname],
+    bundle: true,
+    minify: true,
+    format: 'esm',
+    write: false,
+  });
+  const code = out.outputFiles[0].contents;
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+  const m = readme.match(/\*\*([\d.]+) kB minified, ([\d.]+) kB gzipped\*\*/);
+  assert.ok(m, 'README.md states the size as "**N kB minified, M kB gzipped**"');
+  const minified = code.length / 1000;
+  const gzipped = gzipSync(code, { level: 9 }).length / 1000;
+  assert.ok(Math.abs(minified - Number(m[1])) <= 0.3, `minified ${minified} kB, README says ${m[1]}`);
+  assert.ok(Math.abs(gzipped - Number(m[2])) <= 0.3, `gzipped ${gzipped} kB, README says ${m[2]}`);
+});
