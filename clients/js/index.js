@@ -334,6 +334,7 @@ export class Client {
       this.#attempt = 0;
     }, this.#resetAfterMs);
     this.#setState('open');
+    if (this.#closed || ws !== this.#ws) return; // a 'state' listener closed it
     // Every subscription again, one request per distinct pattern.
     const byPattern = new Map();
     for (const sub of this.#subs) {
