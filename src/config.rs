@@ -134,6 +134,52 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// `auth.mode` (CONTRACT §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Anyone admitted by `[origins]` may subscribe and publish anything.
+    None,
+    /// Permissions come from JWTs.
+    Jwt,
+}
+
+/// `[auth]` (CONTRACT §10). Key files are read by `crate::auth`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSettings {
+    /// `none` or `jwt`.
+    pub mode: AuthMode,
+    /// HMAC secret for HS256/384/512.
+    pub hmac_secret_file: Option<PathBuf>,
+    /// PEM files: SPKI public keys or X.509 certificates.
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS document on disk.
+    pub jwks_file: Option<PathBuf>,
+    /// https URL of a JWKS.
+    pub jwks_url: Option<String>,
+    /// How often `jwks_url` is fetched again.
+    pub jwks_refresh: Duration,
+    /// CA for `jwks_url` (default: the system trust store).
+    pub jwks_ca: Option<PathBuf>,
+    /// Accept `?token=` on the WebSocket URL.
+    pub allow_query_token: bool,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` member, when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Time a connection without permissions has to send a valid `auth` op.
+    pub auth_timeout: Duration,
+    /// Patterns a connection without a token may subscribe to.
+    pub anonymous_subscribe: Vec<String>,
+    /// Topic patterns a connection without a token may publish to.
+    pub anonymous_publish: Vec<String>,
+    /// Granted to every valid token in addition to its claims.
+    pub default_subscribe: Vec<String>,
+    /// Granted to every valid token in addition to its claims.
+    pub default_publish: Vec<String>,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -149,6 +195,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `[log]`
     pub log: LogSettings,
+    /// `[auth]`
+    pub auth: AuthSettings,
     /// True when started with `--dev` (generated certificate when none is configured).
     pub dev: bool,
 }
@@ -218,6 +266,27 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     ("admin", &["listen", "publish_token"]),
     ("log", &["level", "format"]),
+    (
+        "auth",
+        &[
+            "mode",
+            "hmac_secret_file",
+            "public_keys",
+            "jwks_file",
+            "jwks_url",
+            "jwks_refresh",
+            "jwks_ca",
+            "allow_query_token",
+            "issuer",
+            "audience",
+            "leeway",
+            "auth_timeout",
+            "anonymous_subscribe",
+            "anonymous_publish",
+            "default_subscribe",
+            "default_publish",
+        ],
+    ),
 ];
 
 /// Origins allowed by `--dev`.
@@ -746,8 +815,11 @@ fn from_tree(
         LogSettings { level, format }
     };
 
+    let auth = auth_section(section("auth"), &mut errors);
+
     if check_files {
         crate::tls::validate(&tls, &mut errors);
+        crate::auth::validate(&auth, &mut errors);
     }
     if errors.is_empty() {
         Ok(Settings {
@@ -757,10 +829,124 @@ fn from_tree(
             connection,
             admin,
             log,
+            auth,
             dev,
         })
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// Reads `[auth]`; pattern syntax is checked here, key files by
+/// `crate::auth::validate` (only when files are checked).
+fn auth_section(values: Map<String, Value>, errors: &mut Vec<String>) -> AuthSettings {
+    let mut s = Section {
+        name: "auth",
+        values,
+        errors,
+    };
+    let mode = match s.string("mode", "none").as_str() {
+        "none" => AuthMode::None,
+        "jwt" => AuthMode::Jwt,
+        other => {
+            s.err("mode", format!("`{other}` is not \"none\" or \"jwt\""));
+            AuthMode::None
+        }
+    };
+    let hmac_secret_file = s.path("hmac_secret_file");
+    let public_keys = s
+        .strings("public_keys", &[])
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    let jwks_file = s.path("jwks_file");
+    let jwks_url = Some(s.string("jwks_url", "")).filter(|u| !u.trim().is_empty());
+    if let Some(url) = &jwks_url {
+        if let Err(e) = crate::auth::jwks::parse_https_url(url) {
+            s.err("jwks_url", e);
+        }
+    }
+    let jwks_refresh = s.duration("jwks_refresh", Duration::from_secs(300));
+    let jwks_ca = s.path("jwks_ca");
+    let allow_query_token = s.bool("allow_query_token", false);
+    let issuer = Some(s.string("issuer", "")).filter(|v| !v.is_empty());
+    let audience = Some(s.string("audience", "")).filter(|v| !v.is_empty());
+    // leeway may be zero ("0s"): the duration helper refuses zero, so it is
+    // read here.
+    let leeway = match s.take("leeway") {
+        None => Duration::from_secs(30),
+        Some(v) => match v.kind {
+            ValueKind::String(ref t) => match humantime::parse_duration(t.trim()) {
+                Ok(d) => d,
+                Err(e) => {
+                    s.err(
+                        "leeway",
+                        format!("invalid duration `{t}` ({e}); use e.g. \"30s\""),
+                    );
+                    Duration::from_secs(30)
+                }
+            },
+            other => {
+                s.err(
+                    "leeway",
+                    format!(
+                        "expected a duration string like \"30s\", got {}",
+                        describe(&other)
+                    ),
+                );
+                Duration::from_secs(30)
+            }
+        },
+    };
+    let auth_timeout = s.duration("auth_timeout", Duration::from_secs(10));
+    let mut lists = Vec::new();
+    for key in [
+        "anonymous_subscribe",
+        "anonymous_publish",
+        "default_subscribe",
+        "default_publish",
+    ] {
+        let list = s.strings(key, &[]);
+        for (i, p) in list.iter().enumerate() {
+            // Publish lists are patterns too: a grant may cover many topics.
+            if let Err(e) = crate::auth::grants::validate_template(p) {
+                s.err(&format!("{key}[{i}]"), format!("bad pattern `{p}`: {e}"));
+            }
+        }
+        lists.push(list);
+    }
+    let [anonymous_subscribe, anonymous_publish, default_subscribe, default_publish]: [Vec<String>;
+        4] = lists.try_into().unwrap_or_default();
+    if mode == AuthMode::Jwt
+        && hmac_secret_file.is_none()
+        && jwks_file.is_none()
+        && jwks_url.is_none()
+        && Vec::<PathBuf>::is_empty(&public_keys)
+    {
+        s.err(
+            "mode",
+            "\"jwt\" needs at least one key: set auth.hmac_secret_file, auth.public_keys, \
+             auth.jwks_file or auth.jwks_url",
+        );
+    }
+    s.finish();
+    AuthSettings {
+        mode,
+        hmac_secret_file,
+        public_keys,
+        jwks_file,
+        jwks_url,
+        jwks_refresh,
+        jwks_ca,
+        allow_query_token,
+        issuer,
+        audience,
+        leeway,
+        auth_timeout,
+        anonymous_subscribe,
+        anonymous_publish,
+        default_subscribe,
+        default_publish,
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -20,9 +20,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
+use crate::auth::Session;
 use crate::broker::{Broker, Subscriber};
 use crate::config::ConnectionSettings;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::{AuthReason, CloseReason, Metrics};
 use crate::protocol::{self, Command, ErrorCode};
 use crate::queue::{CloseRequest, Flag, Outbox, QueueLimits, Queued, PEER_CLOSED};
 
@@ -130,7 +131,13 @@ pub struct Context {
     pub drain: CancellationToken,
     /// Largest accepted message (and frame), `server.max_message_size`.
     pub max_message_size: usize,
+    /// `auth.mode = "jwt"`: the configuration (for `auth` ops) and this
+    /// connection's session; `None` in mode none.
+    pub auth: Option<(AuthHandle, Box<Session>)>,
 }
+
+/// The current `[auth]` configuration, shared (read only by `auth` ops).
+pub type AuthHandle = Arc<arc_swap::ArcSwap<crate::auth::Authenticator>>;
 
 /// What a connection's reader and writer share: the context and the two
 /// signals between them (the reader has finished; the reader must stop).
@@ -171,6 +178,10 @@ where
     G: Send + 'static,
 {
     let span = tracing::info_span!("conn", id = ctx.id, peer = %ctx.peer);
+    let mut ctx = ctx;
+    // The session is the reader's alone (a refresh changes it); the handle
+    // to the configuration goes with it.
+    let mut auth = ctx.auth.take();
     let conn = Arc::new(Conn {
         ctx,
         reader_done: Flag::default(),
@@ -211,7 +222,15 @@ where
         }
         let writer = tokio::spawn(writer(wr, conn.clone(), outbox));
         let mut patterns: HashSet<Box<str>> = HashSet::new();
-        read_loop(&mut ws, ctx, &sub, &mut patterns, &conn.stop_reader).await;
+        read_loop(
+            &mut ws,
+            ctx,
+            &sub,
+            &mut patterns,
+            &conn.stop_reader,
+            &mut auth,
+        )
+        .await;
         conn.reader_done.set();
         ctx.broker
             .unsubscribe_all(patterns.iter().map(|p| p.as_ref()), ctx.id);
@@ -295,13 +314,20 @@ async fn read_loop<S>(
     sub: &Arc<Subscriber>,
     patterns: &mut HashSet<Box<str>>,
     stop: &Flag,
+    auth: &mut Option<(AuthHandle, Box<Session>)>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let m = ctx.metrics;
     let outbox = &sub.outbox;
     let idle_timeout = ctx.settings.idle_timeout;
-    let mut idle = pin!(sleep(idle_timeout));
+    // One timer for the idle cut and the session's deadline (4001/4003):
+    // it fires at the earlier one and re-arms itself.
+    let due = |auth: &Option<(AuthHandle, Box<Session>)>| auth.as_ref().and_then(|(_, s)| s.due);
+    let first = due(auth).map_or(Instant::now() + idle_timeout, |d| {
+        d.at.min(Instant::now() + idle_timeout)
+    });
+    let mut idle = pin!(tokio::time::sleep_until(first));
     // Frames only move this; the timer catches up when it fires (at most
     // once per idle_timeout) instead of being re-armed on every frame, which
     // cost ~4 % of a publish-heavy broker's CPU.
@@ -312,9 +338,16 @@ async fn read_loop<S>(
             biased;
             _ = stop.wait() => return,
             _ = &mut idle, if !outbox.is_closing() => {
+                let now = Instant::now();
+                let auth_due = due(auth);
+                if let Some(d) = auth_due.filter(|d| d.at <= now) {
+                    debug!(reason = d.close.1, "auth deadline");
+                    outbox.close(close_request(d.close.0, d.close.1, CloseReason::Auth));
+                    continue;
+                }
                 let deadline = last_frame + idle_timeout;
-                if deadline > Instant::now() {
-                    idle.as_mut().reset(deadline);
+                if deadline > now {
+                    idle.as_mut().reset(auth_due.map_or(deadline, |d| d.at.min(deadline)));
                     continue;
                 }
                 debug!("idle timeout");
@@ -405,8 +438,15 @@ async fn read_loop<S>(
         match msg {
             Message::Text(text) => {
                 m.bytes_received.increment(text.len() as u64);
-                if !handle_text(text.as_str(), ctx, sub, patterns).await {
+                if !handle_text(text.as_str(), ctx, sub, patterns, auth).await {
                     return;
+                }
+                if let Some((_, session)) = auth.as_mut().filter(|(_, s)| s.rearm) {
+                    // A refresh moved the deadline: the timer may be late.
+                    session.rearm = false;
+                    let deadline = last_frame + idle_timeout;
+                    idle.as_mut()
+                        .reset(session.due.map_or(deadline, |d| d.at.min(deadline)));
                 }
             }
             Message::Binary(data) => {
@@ -441,6 +481,7 @@ async fn handle_text(
     ctx: &Context,
     sub: &Arc<Subscriber>,
     patterns: &mut HashSet<Box<str>>,
+    auth: &mut Option<(AuthHandle, Box<Session>)>,
 ) -> bool {
     let outbox = &sub.outbox;
     let answer = match protocol::parse_command(text) {
@@ -449,6 +490,25 @@ async fn handle_text(
             rejection.code,
             &rejection.message,
         )),
+        Ok(Command::Publish { topic, id, .. })
+            if auth
+                .as_ref()
+                .is_some_and(|(_, s)| !s.grants.may_publish(&topic)) =>
+        {
+            Some(forbidden(ctx, id, "publish", &topic))
+        }
+        Ok(Command::Subscribe { topic, id })
+            if auth
+                .as_ref()
+                .is_some_and(|(_, s)| !s.grants.may_subscribe(&topic)) =>
+        {
+            Some(forbidden(ctx, id, "subscribe", &topic))
+        }
+        Ok(Command::Auth { token, id }) if auth.is_some() => {
+            // Boxed: verification (and a JWKS fetch on an unknown kid) would
+            // otherwise enlarge every idle connection's future.
+            return Box::pin(handle_auth(&token, id, ctx, sub, patterns, auth)).await;
+        }
         Ok(Command::Publish { topic, data, id }) => {
             // The ack is queued first, so a publisher subscribed to its own
             // topic reads the answer to its request before the message (as
@@ -496,6 +556,90 @@ async fn handle_text(
     };
     match answer {
         Some(text) => reply(outbox, text).await,
+        None => true,
+    }
+}
+
+/// The error for a subscribe or publish the session does not permit
+/// (counted, logged rate-limited, never the token).
+fn forbidden(
+    ctx: &Context,
+    id: Option<&serde_json::value::RawValue>,
+    op: &str,
+    topic: &str,
+) -> String {
+    ctx.metrics
+        .auth_rejected(AuthReason::Forbidden)
+        .increment(1);
+    crate::auth::log_rejection(ctx.id, ctx.peer, AuthReason::Forbidden.as_str(), op);
+    protocol::encode_error(
+        id,
+        ErrorCode::Forbidden,
+        &format!("not permitted to {op} `{topic}`"),
+    )
+}
+
+/// An `auth` op in mode jwt: the first authenticates, a later one
+/// refreshes. Invalid: `unauthorized`, nothing changes; another `sub`:
+/// `forbidden`, nothing changes; valid: subscriptions the new grants do not
+/// cover are removed (one `unsubscribed` frame each), then the ack with `exp`.
+async fn handle_auth(
+    token: &str,
+    id: Option<&serde_json::value::RawValue>,
+    ctx: &Context,
+    sub: &Arc<Subscriber>,
+    patterns: &mut HashSet<Box<str>>,
+    auth: &mut Option<(AuthHandle, Box<Session>)>,
+) -> bool {
+    let Some((handle, session)) = auth.as_mut() else {
+        return true;
+    };
+    let m = ctx.metrics;
+    let authenticator = handle.load_full();
+    let identity = match authenticator.verify(token).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            m.auth_rejected(e.reason()).increment(1);
+            crate::auth::log_rejection(ctx.id, ctx.peer, e.reason().as_str(), &e.to_string());
+            let err = protocol::encode_error(id, ErrorCode::Unauthorized, &e.to_string());
+            return reply(&sub.outbox, err).await;
+        }
+    };
+    let outcome = authenticator.refresh(session, identity, patterns.iter().map(|p| p.as_ref()));
+    let (exp, removed) = match outcome {
+        Ok((exp, removed)) => (
+            exp,
+            removed
+                .into_iter()
+                .map(Box::<str>::from)
+                .collect::<Vec<_>>(),
+        ),
+        Err(crate::auth::SubMismatch) => {
+            m.auth_rejected(AuthReason::Forbidden).increment(1);
+            crate::auth::log_rejection(ctx.id, ctx.peer, "forbidden", "refresh with another sub");
+            let err = protocol::encode_error(
+                id,
+                ErrorCode::Forbidden,
+                "a refresh must carry the same `sub` as the connection's token",
+            );
+            return reply(&sub.outbox, err).await;
+        }
+    };
+    for topic in removed {
+        patterns.remove(&topic);
+        ctx.broker.unsubscribe(&topic, ctx.id);
+        sub.subscriptions.store(patterns.len(), Ordering::Relaxed);
+        if !reply(
+            &sub.outbox,
+            protocol::encode_unsubscribed(&topic, "forbidden"),
+        )
+        .await
+        {
+            return false;
+        }
+    }
+    match id {
+        Some(id) => reply(&sub.outbox, protocol::encode_auth_ack(id, Some(exp))).await,
         None => true,
     }
 }
@@ -689,6 +833,7 @@ mod tests {
             metrics,
             drain: CancellationToken::new(),
             max_message_size: settings.server.max_message_size,
+            auth: None,
         }
     }
 

@@ -37,6 +37,15 @@ impl Refusal {
         }
     }
 
+    /// 401 for a token that does not verify (CONTRACT §3, §10): the body
+    /// says why; the token itself is never echoed.
+    pub fn auth(reason: impl Into<String>) -> Self {
+        let mut r = Refusal::new(401, RejectReason::Auth, reason);
+        r.headers
+            .push(("WWW-Authenticate", r#"Bearer error="invalid_token""#.into()));
+        r
+    }
+
     /// 503 for a connection limit.
     pub fn limit(reason: impl Into<String>) -> Self {
         let mut r = Refusal::new(503, RejectReason::Limit, reason);
@@ -67,12 +76,17 @@ pub struct Accepted {
     pub origin: Option<String>,
     /// The subprotocol to select, when the client offered one we speak.
     pub protocol: Option<&'static str>,
+    /// Tokens on the request (header, subprotocol, query), checked by the server.
+    pub presented: crate::auth::Presented,
 }
 
 /// The subprotocol of CONTRACT §10: selected whenever offered, so browsers
 /// (which fail a handshake that offered subprotocols and got none back)
 /// can offer it beside `wsbroker.bearer.<jwt>`.
 pub const SUBPROTOCOL: &str = "wsbroker.v1";
+
+/// Prefix of the subprotocol entry that carries a token (CONTRACT §10).
+pub const BEARER_PROTOCOL_PREFIX: &str = "wsbroker.bearer.";
 
 /// What `evaluate` took from an acceptable request.
 #[derive(Debug)]
@@ -83,6 +97,8 @@ pub struct Verdict {
     pub origin: Option<String>,
     /// The subprotocol to select.
     pub protocol: Option<&'static str>,
+    /// Tokens on the request.
+    pub presented: crate::auth::Presented,
 }
 
 /// The rules a request is checked against.
@@ -140,6 +156,7 @@ pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<Ve
     let mut origins = Vec::new();
     let mut host = 0usize;
     let mut protocol = None;
+    let mut presented = crate::auth::Presented::default();
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
@@ -159,6 +176,19 @@ pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<Ve
             let offered = std::str::from_utf8(h.value).unwrap_or("");
             if offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
                 protocol = Some(SUBPROTOCOL);
+            }
+            for p in offered.split(',') {
+                if let Some(t) = p.trim().strip_prefix(BEARER_PROTOCOL_PREFIX) {
+                    presented
+                        .tokens
+                        .push((crate::auth::TokenSource::Subprotocol, t.to_string()));
+                }
+            }
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if let Some(t) = bearer(h.value) {
+                presented
+                    .tokens
+                    .push((crate::auth::TokenSource::Header, t.to_string()));
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(Refusal::new(
@@ -247,10 +277,38 @@ pub fn evaluate(req: &httparse::Request<'_, '_>, rules: &Rules<'_>) -> Result<Ve
         .origins
         .check(origin)
         .map_err(|denied| Refusal::new(403, RejectReason::Origin, denied.to_string()))?;
+    if let Some(t) = query_token(target) {
+        presented
+            .tokens
+            .push((crate::auth::TokenSource::Query, t.to_string()));
+    }
     Ok(Verdict {
         accept_key: derive_accept_key(key),
         origin: origin.map(str::to_string),
         protocol,
+        presented,
+    })
+}
+
+/// The token of an `Authorization: Bearer <token>` value (scheme
+/// case-insensitive, RFC 6750 §2.1); other schemes are not tokens.
+fn bearer(value: &[u8]) -> Option<&str> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The `token` query parameter of the request target, if any. JWS
+/// characters need no percent-decoding.
+fn query_token(target: &str) -> Option<&str> {
+    let query = target.split('#').next()?.split_once('?')?.1;
+    query.split('&').find_map(|kv| match kv.split_once('=') {
+        Some(("token", v)) => Some(v),
+        None if kv == "token" => Some(""),
+        _ => None,
     })
 }
 
@@ -286,6 +344,7 @@ pub async fn read_and_evaluate<S: AsyncRead + Unpin>(
                     leftover: buf[head_len..].to_vec(),
                     origin: v.origin,
                     protocol: v.protocol,
+                    presented: v.presented,
                 });
                 return Ok(verdict);
             }
@@ -318,6 +377,7 @@ pub async fn read_and_evaluate<S: AsyncRead + Unpin>(
 fn status_text(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         426 => "Upgrade Required",

@@ -5,6 +5,7 @@
 //! for the path of a message through these modules.
 
 pub mod admin;
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod client;

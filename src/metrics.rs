@@ -23,6 +23,8 @@ pub enum CloseReason {
     Shutdown,
     /// Protocol, I/O or policy error.
     Error,
+    /// Token expired (4001) or authentication required (4003), CONTRACT §10.
+    Auth,
 }
 
 /// Why a handshake was refused (the `reason` label of `handshake_rejected_total`).
@@ -40,6 +42,33 @@ pub enum RejectReason {
     Tls,
     /// Not a valid WebSocket upgrade.
     BadRequest,
+    /// A token on the upgrade request that does not verify (401).
+    Auth,
+}
+
+/// Why a token or a request was refused (`wsbroker_auth_rejected_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    /// Malformed, bad signature, wrong claims.
+    Invalid,
+    /// `exp` (+ leeway) has passed.
+    Expired,
+    /// No configured key for its `kid` or algorithm.
+    UnknownKey,
+    /// A subscribe or publish (or a refresh with another `sub`) not permitted.
+    Forbidden,
+}
+
+impl AuthReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthReason::Invalid => "invalid",
+            AuthReason::Expired => "expired",
+            AuthReason::UnknownKey => "unknown_key",
+            AuthReason::Forbidden => "forbidden",
+        }
+    }
 }
 
 impl RejectReason {
@@ -52,6 +81,7 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::Tls => "tls",
             RejectReason::BadRequest => "bad_request",
+            RejectReason::Auth => "auth",
         }
     }
 }
@@ -65,6 +95,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::Auth => "auth",
         }
     }
 }
@@ -75,8 +106,9 @@ pub struct Metrics {
     pub connections_active: Gauge,
     /// wsbroker_connections_opened_total
     pub connections_opened: Counter,
-    closed: [Counter; 5],
-    rejected: [Counter; 6],
+    closed: [Counter; 6],
+    rejected: [Counter; 7],
+    auth_rejected: [Counter; 4],
     /// wsbroker_subscriptions_active
     pub subscriptions_active: Gauge,
     /// wsbroker_topics_active
@@ -112,6 +144,11 @@ impl Metrics {
     /// The counter for a rejection reason.
     pub fn rejected(&self, reason: RejectReason) -> &Counter {
         &self.rejected[reason as usize]
+    }
+
+    /// The counter of `wsbroker_auth_rejected_total` for a reason.
+    pub fn auth_rejected(&self, reason: AuthReason) -> &Counter {
+        &self.auth_rejected[reason as usize]
     }
 }
 
@@ -159,6 +196,7 @@ fn install() -> Installed {
         CloseReason::SlowConsumer,
         CloseReason::Shutdown,
         CloseReason::Error,
+        CloseReason::Auth,
     ]
     .map(|r| metrics::counter!("wsbroker_connections_closed_total", "reason" => r.as_str()));
     let rejected = [
@@ -168,13 +206,22 @@ fn install() -> Installed {
         RejectReason::Timeout,
         RejectReason::Tls,
         RejectReason::BadRequest,
+        RejectReason::Auth,
     ]
     .map(|r| metrics::counter!("wsbroker_handshake_rejected_total", "reason" => r.as_str()));
+    let auth_rejected = [
+        AuthReason::Invalid,
+        AuthReason::Expired,
+        AuthReason::UnknownKey,
+        AuthReason::Forbidden,
+    ]
+    .map(|r| metrics::counter!("wsbroker_auth_rejected_total", "reason" => r.as_str()));
     let metrics = Metrics {
         connections_active: metrics::gauge!("wsbroker_connections_active"),
         connections_opened: metrics::counter!("wsbroker_connections_opened_total"),
         closed,
         rejected,
+        auth_rejected,
         subscriptions_active: metrics::gauge!("wsbroker_subscriptions_active"),
         topics_active: metrics::gauge!("wsbroker_topics_active"),
         published_ws: metrics::counter!("wsbroker_messages_published_total", "source" => "ws"),
@@ -189,7 +236,12 @@ fn install() -> Installed {
         accept_errors: metrics::counter!("wsbroker_accept_errors_total"),
     };
     // Touch every series so a scrape shows zeros from the start.
-    for c in metrics.closed.iter().chain(metrics.rejected.iter()) {
+    for c in metrics
+        .closed
+        .iter()
+        .chain(metrics.rejected.iter())
+        .chain(metrics.auth_rejected.iter())
+    {
         c.increment(0);
     }
     for c in [
@@ -291,6 +343,18 @@ fn describe() {
     describe_gauge!(
         "wsbroker_connections_max",
         "The server.max_connections limit."
+    );
+    describe_counter!(
+        "wsbroker_auth_rejected_total",
+        "Tokens and requests refused by authentication or permissions (CONTRACT §10), by reason."
+    );
+    describe_counter!(
+        "wsbroker_auth_jwks_fetches_total",
+        "Fetches of auth.jwks_url (start, jwks_refresh, unknown kid)."
+    );
+    describe_counter!(
+        "wsbroker_auth_jwks_fetch_errors_total",
+        "Failed fetches of auth.jwks_url (the last good key set is kept)."
     );
     describe_counter!(
         "wsbroker_accept_errors_total",

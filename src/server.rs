@@ -15,8 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::auth::Authenticator;
 use crate::broker::Broker;
-use crate::config::{AdminSettings, ConnectionSettings, LogSettings, ServerSettings, Settings};
+use crate::config::{
+    AdminSettings, AuthMode, AuthSettings, ConnectionSettings, LogSettings, ServerSettings,
+    Settings,
+};
 use crate::handshake::{self, Refusal, Rules};
 use crate::logging::RateLimit;
 use crate::metrics::{Metrics, RejectReason};
@@ -42,6 +46,9 @@ pub enum ServerError {
     /// Origin patterns did not parse.
     #[error("origins.allow: {0}")]
     Origins(String),
+    /// `[auth]` keys or lists did not load (each line names its key).
+    #[error("{}", .0.join("; "))]
+    Auth(Vec<String>),
 }
 
 /// Over-limit handshakes answered with a 503 at once; beyond this they are
@@ -163,6 +170,11 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The generated certificate in dev mode.
     pub dev_cert: Option<DevCert>,
+    /// `[auth]` keys and lists (replaced whole on reload); `auth.mode`
+    /// itself needs a restart.
+    pub auth: Arc<ArcSwap<Authenticator>>,
+    /// Stops the refresh loop of the current `auth.jwks_url`.
+    jwks_stop: Mutex<CancellationToken>,
     next_id: AtomicU64,
     accept_log: RateLimit,
     reject_log: RateLimit,
@@ -209,6 +221,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let tls = TlsState::new(material.server_configs()?);
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
+    let auth = Authenticator::load(&settings.auth, None).map_err(ServerError::Auth)?;
+    let jwks_stop = CancellationToken::new();
+    start_jwks(&auth, &jwks_stop).await;
     let mut listeners = Vec::new();
     for addr in &settings.server.listen {
         listeners.push(bind(*addr, "server.listen")?);
@@ -234,6 +249,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         tracker: TaskTracker::new(),
         ready: AtomicBool::new(true),
         dev_cert,
+        auth: Arc::new(ArcSwap::from_pointee(auth)),
+        jwks_stop: Mutex::new(jwks_stop),
         next_id: AtomicU64::new(1),
         accept_log: RateLimit::new(Duration::from_secs(1)),
         reject_log: RateLimit::new(Duration::from_secs(1)),
@@ -294,7 +311,29 @@ impl RunningServer {
         let config = material.server_configs()?;
         let origins = OriginPolicy::new(&new.origins.allow, new.origins.allow_missing)
             .map_err(|e| ServerError::Origins(e.to_string()))?;
+        let old_auth = self.shared.auth.load_full();
+        // auth.mode needs a restart (connections' sessions depend on it).
+        let mut auth_settings = new.auth.clone();
+        auth_settings.mode = old_auth.mode();
+        let auth =
+            Authenticator::load(&auth_settings, Some(&old_auth)).map_err(ServerError::Auth)?;
         self.shared.tls.replace(config);
+        if !same_remote(&auth, &old_auth) {
+            let stop = CancellationToken::new();
+            let old_stop = std::mem::replace(&mut *self.shared.jwks_stop.lock(), stop.clone());
+            old_stop.cancel();
+            // The first fetch of a new URL runs in the background: a reload
+            // never waits on an identity provider.
+            let remote = auth.remote().cloned();
+            let every = auth.settings().jwks_refresh;
+            if let Some(remote) = remote {
+                tokio::spawn(async move {
+                    let _ = remote.refresh("reload").await;
+                    remote.refresh_loop(every, stop).await;
+                });
+            }
+        }
+        self.shared.auth.store(Arc::new(auth));
         crate::metrics::record_tls_cert(self.shared.metrics, &material.certified.cert);
         self.shared.origins.store(Arc::new(origins));
         if let Err(e) = crate::logging::set_level(&new.log.level) {
@@ -308,6 +347,7 @@ impl RunningServer {
         kept.log.level = new.log.level;
         // Read per request by the admin listener: rotating it needs no restart.
         kept.admin.publish_token = new.admin.publish_token;
+        kept.auth = auth_settings;
         self.shared.settings.store(Arc::new(kept));
         Ok(restart)
     }
@@ -379,7 +419,28 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<String> {
         max_subscriptions, max_inbound_rate, ping_interval, idle_timeout; reloaded:);
     diff!(AdminSettings admin: listen; reloaded: publish_token);
     diff!(LogSettings log: format; reloaded: level);
+    diff!(AuthSettings auth: mode; reloaded: hmac_secret_file, public_keys, jwks_file, jwks_url,
+        jwks_refresh, jwks_ca, allow_query_token, issuer, audience, leeway, auth_timeout,
+        anonymous_subscribe, anonymous_publish, default_subscribe, default_publish);
     keys
+}
+
+/// Whether two configurations share one `jwks_url` key set.
+fn same_remote(a: &Authenticator, b: &Authenticator) -> bool {
+    match (a.remote(), b.remote()) {
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// At start: the first fetch of `auth.jwks_url` (bounded by its timeout; a
+/// failure is logged and retried on schedule), then the refresh loop.
+async fn start_jwks(auth: &Authenticator, stop: &CancellationToken) {
+    if let Some(remote) = auth.remote().cloned() {
+        let _ = remote.refresh("start").await;
+        tokio::spawn(remote.refresh_loop(auth.settings().jwks_refresh, stop.clone()));
+    }
 }
 
 fn is_fd_exhaustion(e: &std::io::Error) -> bool {
@@ -484,10 +545,20 @@ async fn upgrade(
             }
             (v, _) => v,
         };
+        // Tokens are checked last: a request refused anyway costs no
+        // signature check. Verification is CPU work per connection, done
+        // here in the handshake task.
+        let (verdict, session) = match verdict {
+            Ok(accepted) => match admit(shared, id, peer, &accepted.presented).await {
+                Ok(session) => (Ok(accepted), session),
+                Err(refusal) => (Err(refusal), None),
+            },
+            Err(r) => (Err(r), None),
+        };
         match verdict {
             Ok(accepted) => {
                 match handshake::switch(&mut tls, &accepted.accept_key, accepted.protocol).await {
-                    Ok(()) => Some((tls, accepted)),
+                    Ok(()) => Some((tls, accepted, session)),
                     Err(e) => {
                         reject(shared, peer, RejectReason::BadRequest, &e.to_string());
                         None
@@ -502,7 +573,7 @@ async fn upgrade(
         }
     })
     .await;
-    let (tls, accepted) = match upgraded {
+    let (tls, accepted, session) = match upgraded {
         Ok(Some(pair)) => pair,
         Ok(None) => return None,
         Err(_) => {
@@ -518,6 +589,31 @@ async fn upgrade(
         metrics: shared.metrics,
         drain: shared.drain.clone(),
         max_message_size: settings.server.max_message_size,
+        auth: session.map(|s| (shared.auth.clone(), Box::new(s))),
     };
     Some((tls, accepted.leftover, ctx))
+}
+
+/// `auth.mode = "jwt"`: the connection's session from the request's token
+/// (or the anonymous one), or a 401. `Ok(None)` in mode none, where tokens
+/// are ignored wherever they appear.
+async fn admit(
+    shared: &Shared,
+    id: u64,
+    peer: SocketAddr,
+    presented: &crate::auth::Presented,
+) -> Result<Option<crate::auth::Session>, Refusal> {
+    let auth = shared.auth.load_full();
+    if auth.mode() == AuthMode::None {
+        return Ok(None);
+    }
+    match crate::auth::admit(&auth, presented).await {
+        Ok(session) => Ok(Some(session)),
+        Err(e) => {
+            let reason = e.reason();
+            shared.metrics.auth_rejected(reason).increment(1);
+            crate::auth::log_rejection(id, peer, reason.as_str(), &e.to_string());
+            Err(Refusal::auth(e.to_string()))
+        }
+    }
 }

@@ -21,6 +21,8 @@ use tokio_tungstenite::WebSocketStream;
 use wsbroker::config::{LoadOptions, Settings};
 use wsbroker::server::RunningServer;
 
+pub mod auth;
+
 /// A child process (the real binary) killed and reaped on drop.
 pub struct KillOnDrop(pub std::process::Child);
 
@@ -207,12 +209,13 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// The `reason` labels of `wsbroker_connections_closed_total` (CONTRACT §7).
-pub const CLOSE_REASONS: [&str; 5] = [
+pub const CLOSE_REASONS: [&str; 6] = [
     "client",
     "idle_timeout",
     "slow_consumer",
     "shutdown",
     "error",
+    "auth",
 ];
 
 /// Connections counted closed so far, over every reason.
