@@ -52,6 +52,13 @@ fn require_node() {
         major >= 20,
         "node {node} is too old: the JavaScript client needs Node.js >= 20 (Debian: apt-get install nodejs npm)"
     );
+    // Each test daemon gets a fresh self-signed certificate from openssl.
+    let openssl = Command::new("openssl").arg("version").output();
+    assert!(
+        openssl.map(|o| o.status.success()).unwrap_or(false),
+        "`openssl` not found: the JavaScript client's tests make their certificates with it \
+         (Debian: apt-get install openssl)"
+    );
     tool_version("npm").unwrap_or_else(|| {
         panic!(
             "`npm` not found: the JavaScript client's tests need it (Debian: apt-get install npm)"
@@ -118,7 +125,10 @@ fn run_suite(files: &[&str], min_tests: usize, extra_env: &[(&str, &Path)]) {
     let dir = js_dir();
     npm_ci(&dir);
     let mut cmd = Command::new("node");
+    // TAP explicitly: its `# pass N` / `# fail N` summary is read below (the
+    // default reporter of newer Node versions is `spec`).
     cmd.arg("--test")
+        .arg("--test-reporter=tap")
         .args(files.iter().map(|f| format!("test/{f}")))
         .current_dir(&dir)
         .env("WSBROKER_BIN", BIN)
