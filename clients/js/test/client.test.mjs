@@ -243,6 +243,39 @@ test('a publish while disconnected times out after requestTimeoutMs', async () =
   }
 });
 
+test('a subscribe whose ack does not come in time rejects ready with timeout, and the subscription stays', async () => {
+  const b = new Broker();
+  try {
+    await b.start();
+    await b.kill();
+    const c = new Client(b.url, {
+      WebSocket: b.webSocket(),
+      requestTimeoutMs: 400,
+      reconnect: { minDelayMs: 50, maxDelayMs: 100 },
+    });
+    try {
+      const h = inbox();
+      const sub = c.subscribe('late.x', h);
+      await assert.rejects(sub.ready, { code: 'timeout' });
+      assert.equal(sub.active, true);
+      await b.start();
+      await waitState(c, 'open', 15000);
+      // The subscription is sent on connect: publish until it has landed.
+      let got;
+      await waitFor(async () => {
+        await c.publish('late.x', 'eventually');
+        got = await h.next(300).catch(() => undefined);
+        return got;
+      }, 'the late subscription to deliver');
+      assert.deepEqual(got, { topic: 'late.x', data: 'eventually' });
+    } finally {
+      c.close();
+    }
+  } finally {
+    await b.dispose();
+  }
+});
+
 test('a subscription made while disconnected is sent once connected', async () => {
   const c = client();
   const pub = client();
