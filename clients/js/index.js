@@ -273,10 +273,22 @@ export class Client {
     this.#emit('error', err);
   }
 
+  // token()'s answer; a token() that does not answer within
+  // requestTimeoutMs counts as failed (so a hung identity provider cannot
+  // stall reconnects or refreshes forever).
   async #getToken() {
     const t = this.#tokenOption;
-    const v = typeof t === 'function' ? await t() : t;
-    return v ? String(v) : null;
+    if (typeof t !== 'function') return t ? String(t) : null;
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`token() did not answer within ${this.#requestTimeoutMs} ms`)), this.#requestTimeoutMs);
+    });
+    try {
+      const v = await Promise.race([t(), timeout]);
+      return v ? String(v) : null;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   async #connect(first = false) {

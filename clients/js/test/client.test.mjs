@@ -292,6 +292,35 @@ test('a subscription made while disconnected is sent once connected', async () =
   }
 });
 
+test('a token() that throws or hangs is reported and retried (mode "none" ignores the token)', async () => {
+  let calls = 0;
+  const WebSocket = broker.webSocket();
+  const c = new Client(broker.url, {
+    WebSocket,
+    requestTimeoutMs: 300,
+    reconnect: { minDelayMs: 50, maxDelayMs: 100 },
+    token: () => {
+      calls++;
+      if (calls === 1) throw new Error('no network');
+      if (calls === 2) return new Promise(() => {}); // never answers
+      return 'h.p.s';
+    },
+  });
+  const rec = record(c);
+  try {
+    await waitState(c, 'open', 10000);
+    assert.equal(calls, 3);
+    const tokenErrors = rec.errors.filter((e) => e.code === 'token');
+    assert.equal(tokenErrors.length, 2, rec.errors.map((e) => e.message).join('; '));
+    assert.match(tokenErrors[0].message, /no network/);
+    assert.match(tokenErrors[1].message, /did not answer/);
+    assert.equal(WebSocket.sockets.length, 1, 'no connection attempt without the token');
+    assert.deepEqual(WebSocket.sockets[0].protocols, ['wsbroker.v1', 'wsbroker.bearer.h.p.s']);
+  } finally {
+    c.close();
+  }
+});
+
 test('an exception in a handler is reported on "error" and other handlers still run', async () => {
   const c = client();
   const rec = record(c);
