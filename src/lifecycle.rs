@@ -152,7 +152,7 @@ pub async fn serve(opts: LoadOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Re-reads the file and applies TLS, origins and log level; a bad file
+/// Re-reads the file and applies TLS, origins, `[auth]` and log level; a bad file
 /// leaves the running settings untouched.
 fn reload(running: &RunningServer, opts: &LoadOptions) {
     // MONOTONIC_USEC lets Type=notify-reload match this RELOADING=1 to the
@@ -174,7 +174,7 @@ fn reload(running: &RunningServer, opts: &LoadOptions) {
                 for key in restart {
                     warn!(key = %key, "changed in the file but needs restart; not applied");
                 }
-                info!("reload applied (tls, origins, log.level)");
+                info!("reload applied (tls, origins, auth keys and lists, log.level)");
             }
             Err(e) => error!(error = %e, "reload rejected; keeping the running settings"),
         },

@@ -222,7 +222,10 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let origins = OriginPolicy::new(&settings.origins.allow, settings.origins.allow_missing)
         .map_err(|e| ServerError::Origins(e.to_string()))?;
     let auth = Authenticator::load(&settings.auth, None).map_err(ServerError::Auth)?;
-    let jwks_stop = CancellationToken::new();
+    // Refresh loops end with the daemon (`hard`), or on a reload that
+    // replaces the URL.
+    let hard = CancellationToken::new();
+    let jwks_stop = hard.child_token();
     start_jwks(&auth, &jwks_stop).await;
     let mut listeners = Vec::new();
     for addr in &settings.server.listen {
@@ -245,7 +248,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         settings: ArcSwap::from_pointee(settings),
         stop_accepting: CancellationToken::new(),
         drain: CancellationToken::new(),
-        hard: CancellationToken::new(),
+        hard,
         tracker: TaskTracker::new(),
         ready: AtomicBool::new(true),
         dev_cert,
@@ -319,7 +322,7 @@ impl RunningServer {
             Authenticator::load(&auth_settings, Some(&old_auth)).map_err(ServerError::Auth)?;
         self.shared.tls.replace(config);
         if !same_remote(&auth, &old_auth) {
-            let stop = CancellationToken::new();
+            let stop = self.shared.hard.child_token();
             let old_stop = std::mem::replace(&mut *self.shared.jwks_stop.lock(), stop.clone());
             old_stop.cancel();
             // The first fetch of a new URL runs in the background: a reload

@@ -587,3 +587,373 @@ async fn jwks_file_keys_are_picked_by_kid() {
     let unknown = Signer::es256().with_kid("nope").sign(&c);
     expect_401(&server, &bearer(&unknown), "unknown key").await;
 }
+
+#[tokio::test]
+async fn jwks_url_rotation_through_a_local_https_endpoint() {
+    let k1 = Signer::es256().with_kid("k1");
+    let k2 = Signer::es256().with_kid("k2");
+    let idp = common::auth::JwksServer::start(&json!({"keys":[k1.jwk()]}).to_string()).await;
+    let ca = idp.ca_path.display().to_string();
+    // A PEM key of the same type beside the URL: a token with a new kid is
+    // tried against it (and fails) and must still make the broker refetch.
+    let pem = temp_file("other.pem", &Signer::es256().public_pem);
+    let server = jwt_server(&[
+        ("WSBROKER__AUTH__JWKS_URL", &idp.url),
+        ("WSBROKER__AUTH__JWKS_CA", &ca),
+        ("WSBROKER__AUTH__PUBLIC_KEYS", &pem),
+    ])
+    .await;
+    assert_eq!(idp.hits(), 1, "fetched once at start");
+    let c = claims("u", 300, &["a"], &[]);
+    let mut ws = ws_bearer(&server, &k1.sign(&c)).await;
+    assert!(is_ack(&sub_result(&mut ws, "a", 1).await, 1));
+    // The provider rotates: k2 replaces k1. Concurrent tokens with the new
+    // kid share one fetch.
+    idp.set(200, &json!({"keys":[k2.jwk()]}).to_string());
+    let token = k2.sign(&c);
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let (s, t) = (&server, token.clone());
+        tasks.push(async move { ws_bearer(s, &t).await });
+    }
+    for mut ws in futures_util::future::join_all(tasks).await {
+        assert!(is_ack(&sub_result(&mut ws, "a", 1).await, 1));
+    }
+    assert_eq!(idp.hits(), 2, "five misses, one fetch");
+    // Another unknown kid within 30 s: no fetch, unknown key; the rotated-out
+    // key is gone.
+    // (Tried against the PEM key, so: bad signature.)
+    let k3 = Signer::es256().with_kid("k3");
+    expect_401(&server, &bearer(&k3.sign(&c)), "bad signature").await;
+    expect_401(&server, &bearer(&k1.sign(&c)), "bad signature").await;
+    let k4 = Signer::ed25519().with_kid("k4");
+    expect_401(&server, &bearer(&k4.sign(&c)), "unknown key").await;
+    assert_eq!(idp.hits(), 2, "misses are rate-limited");
+    // The connection made with k1 keeps its permissions.
+    assert!(is_ack(&sub_result(&mut ws, "a", 2).await, 2));
+}
+
+#[tokio::test]
+async fn a_failed_jwks_fetch_keeps_the_last_good_set() {
+    let k1 = Signer::es256().with_kid("k1");
+    let k2 = Signer::es384().with_kid("k2");
+    let idp = common::auth::JwksServer::start(&json!({"keys":[k1.jwk()]}).to_string()).await;
+    let ca = idp.ca_path.display().to_string();
+    let server = jwt_server(&[
+        ("WSBROKER__AUTH__JWKS_URL", &idp.url),
+        ("WSBROKER__AUTH__JWKS_CA", &ca),
+        ("WSBROKER__AUTH__JWKS_REFRESH", "300ms"),
+    ])
+    .await;
+    let errors = r#"wsbroker_auth_jwks_fetch_errors_total"#;
+    let before = metric(&server.metrics().await, errors);
+    let c = claims("u", 300, &["a"], &[]);
+    for (status, body) in [(500, "oops"), (200, "{\"keys\": 5}"), (200, "not json")] {
+        idp.set(status, body);
+        let seen = idp.hits();
+        let deadline = tokio::time::Instant::now() + common::WAIT;
+        while idp.hits() < seen + 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no refresh");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut ws = ws_bearer(&server, &k1.sign(&c)).await;
+        assert!(
+            is_ack(&sub_result(&mut ws, "a", 1).await, 1),
+            "{status} {body}"
+        );
+    }
+    assert!(metric(&server.metrics().await, errors) >= before + 3.0);
+    // The scheduled refresh picks up a new set.
+    idp.set(200, &json!({"keys":[k2.jwk()]}).to_string());
+    let seen = idp.hits();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while idp.hits() < seen + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ws = ws_bearer(&server, &k2.sign(&c)).await;
+    assert!(is_ack(&sub_result(&mut ws, "a", 1).await, 1));
+}
+
+/// The config of the real binary in these tests: JSON logs at `level`,
+/// jwt mode with the given `[auth]` lines.
+fn daemon_config(cert: &common::TestCert, level: &str, auth: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[origins]\nallow = [\"{}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"{level}\"\nformat = \"json\"\n[auth]\nmode = \"jwt\"\n{auth}\n",
+        cert.cert_path.display(),
+        cert.key_path.display(),
+        common::ORIGIN
+    )
+}
+
+/// The real binary at debug level (every crate: rustls, hyper, tungstenite
+/// included): tokens presented every way, valid and not, then SIGHUP
+/// reloads (a new key; a bad file that is refused). No line may contain a
+/// token or its payload or signature part.
+#[tokio::test]
+async fn the_real_binary_never_logs_tokens_and_reloads_keys_on_sighup() {
+    let cert = common::make_cert();
+    let dir = cert.dir.path().to_path_buf();
+    let k1 = Signer::es256();
+    let k2 = Signer::ed25519();
+    let k1_path = write(&dir, "k1.pem", &k1.public_pem);
+    let k2_path = write(&dir, "k2.pem", &k2.public_pem);
+    let bad_path = write(&dir, "bad.pem", "not a key\n");
+    let config = dir.join("wsbroker.toml");
+    let auth_lines = |key: &std::path::Path| {
+        format!(
+            "public_keys = [\"{}\"]\nallow_query_token = true\nanonymous_subscribe = [\"public.>\"]\n",
+            key.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        daemon_config(&cert, "debug,wsbroker=trace", &auth_lines(&k1_path)),
+    )
+    .expect("config");
+    let d = common::daemon::Daemon::start(&config);
+    let tls = common::client_config(&cert.cert_der);
+    let mut tokens: Vec<String> = Vec::new();
+    fn mint(tokens: &mut Vec<String>, s: &Signer, sub: &str) -> String {
+        let t = s.sign(&claims(sub, 300, &["a.>"], &["a.x"]));
+        tokens.push(t.clone());
+        t
+    }
+    let header = mint(&mut tokens, &k1, "u1");
+    let proto = mint(&mut tokens, &k1, "u2");
+    let query = mint(&mut tokens, &k1, "u3");
+    let op = mint(&mut tokens, &k1, "u4");
+    let cli = mint(&mut tokens, &k1, "u5");
+    let wrong_key = mint(&mut tokens, &Signer::es256(), "u6");
+    let tampered = {
+        let t = mint(&mut tokens, &k1, "u7");
+        let fake = format!("{}AAAA", &t[..t.len() - 4]);
+        tokens.push(fake.clone());
+        fake
+    };
+    let auth = |t: &str| format!("Bearer {t}");
+    let (mut by_header, _) = ws_at_ok(&d, &tls, "/ws", &[("Authorization", &auth(&header))]).await;
+    subscribe(&mut by_header, "a.>", 1).await;
+    let subproto = format!("wsbroker.v1, wsbroker.bearer.{proto}");
+    let (mut by_proto, selected) =
+        ws_at_ok(&d, &tls, "/ws", &[("Sec-WebSocket-Protocol", &subproto)]).await;
+    assert_eq!(selected.as_deref(), Some("wsbroker.v1"));
+    subscribe(&mut by_proto, "a.b", 1).await;
+    let (mut by_query, _) = ws_at_ok(&d, &tls, &format!("/ws?token={query}"), &[]).await;
+    subscribe(&mut by_query, "a.c", 1).await;
+    let (mut by_op, _) = ws_at_ok(&d, &tls, "/ws", &[]).await;
+    send(&mut by_op, json!({"op":"auth","token":op,"id":1})).await;
+    assert!(is_ack(&recv(&mut by_op).await, 1));
+    send(&mut by_op, json!({"op":"auth","token":tampered,"id":2})).await;
+    assert!(is_error(&recv(&mut by_op).await, 2, "unauthorized"));
+    for bad in [&wrong_key, &tampered] {
+        for (path, headers) in [
+            ("/ws".to_string(), vec![("Authorization", auth(bad))]),
+            (
+                "/ws".to_string(),
+                vec![(
+                    "Sec-WebSocket-Protocol",
+                    format!("wsbroker.v1, wsbroker.bearer.{bad}"),
+                )],
+            ),
+            (format!("/ws?token={bad}"), vec![]),
+        ] {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let err = common::auth::ws_at(d.wss, &tls, &path, &h)
+                .await
+                .expect_err("a bad token is refused");
+            assert!(err.to_string().contains("401"), "{err}");
+        }
+    }
+    // The CLI's --token (Authorization: Bearer).
+    let url = format!("wss://localhost:{}/ws", d.wss.port());
+    let ca = cert.cert_path.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::daemon::BIN)
+            .args([
+                "pub",
+                "--url",
+                &url,
+                "--topic",
+                "a.x",
+                "--data",
+                "{\"cli\":1}",
+            ])
+            .args(["--origin", common::ORIGIN, "--ca", &ca, "--token", &cli])
+            .output()
+            .expect("run pub")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(recv(&mut by_header).await["data"], json!({"cli":1}));
+    let cli_log = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // SIGHUP: k2 replaces k1. Open connections keep their permissions.
+    std::fs::write(
+        &config,
+        daemon_config(&cert, "debug,wsbroker=trace", &auth_lines(&k2_path)),
+    )
+    .expect("config");
+    let seen = d.count_lines("reload applied");
+    d.signal(libc::SIGHUP);
+    d.wait_for_line("reload applied", seen).await;
+    let new = mint(&mut tokens, &k2, "u8");
+    let old = mint(&mut tokens, &k1, "u9");
+    let (mut by_new, _) = ws_at_ok(&d, &tls, "/ws", &[("Authorization", &auth(&new))]).await;
+    subscribe(&mut by_new, "a.y", 1).await;
+    let err = common::auth::ws_at(d.wss, &tls, "/ws", &[("Authorization", &auth(&old))])
+        .await
+        .expect_err("the removed key is refused");
+    assert!(err.to_string().contains("401"), "{err}");
+    send(
+        &mut by_proto,
+        json!({"op":"publish","topic":"a.x","data":1,"id":2}),
+    )
+    .await;
+    assert!(is_ack(&recv(&mut by_proto).await, 2));
+    // A bad file: refused by key, the running keys stay.
+    std::fs::write(
+        &config,
+        daemon_config(&cert, "debug,wsbroker=trace", &auth_lines(&bad_path)),
+    )
+    .expect("config");
+    let seen = d.count_lines("auth.public_keys[0]");
+    d.signal(libc::SIGHUP);
+    d.wait_for_line("auth.public_keys[0]", seen).await;
+    let (mut again, _) = ws_at_ok(&d, &tls, "/ws", &[("Authorization", &auth(&new))]).await;
+    subscribe(&mut again, "a.z", 1).await;
+    drop((by_header, by_proto, by_query, by_op, by_new, again));
+
+    let text = d.log_text();
+    assert!(text.contains("auth rejected"), "rejections are logged");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("auth rejected") && l.contains("\"peer\"") && l.contains("\"id\"")),
+        "a rejection line names the connection id and peer"
+    );
+    assert!(text.lines().count() > 50, "debug logging is on");
+    for t in &tokens {
+        let parts: Vec<&str> = t.split('.').collect();
+        for (what, needle) in [
+            ("token", t.as_str()),
+            ("payload", parts[1]),
+            ("signature", parts[2]),
+        ] {
+            assert!(
+                !text.contains(needle) && !cli_log.contains(needle),
+                "a token's {what} is in the log"
+            );
+        }
+    }
+}
+
+async fn ws_at_ok(
+    d: &common::daemon::Daemon,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, Option<String>) {
+    common::auth::ws_at(d.wss, tls, path, headers)
+        .await
+        .expect("upgrade")
+}
+
+#[test]
+fn check_config_names_each_bad_auth_key() {
+    let cert = common::make_cert();
+    let dir = cert.dir.path();
+    let not_key = write(dir, "not-key.pem", "hello\n");
+    let private = write(dir, "private.pem", &common::auth::rsa_pems().0);
+    let bad_jwks = write(dir, "jwks.json", "{\"keys\": [{\"kty\": \"EC\"}]}");
+    let short = write(dir, "short", "abc\n");
+    let run = |auth: &str| {
+        let file = dir.join("c.toml");
+        std::fs::write(&file, daemon_config(&cert, "info", auth)).expect("write");
+        let out = std::process::Command::new(common::daemon::BIN)
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output()
+            .expect("check-config");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&format!(
+        "hmac_secret_file = \"{}/missing\"\npublic_keys = [\"{}\", \"{}\"]\njwks_file = \"{}\"\n\
+         jwks_url = \"http://idp.example/jwks\"\njwks_ca = \"{}/nope.pem\"\n\
+         anonymous_subscribe = [\"ok.>\", \"bad..pattern\"]\ndefault_publish = [\"a.>.b\"]\n\
+         leeway = \"soon\"\nbogus = 1\n",
+        dir.display(),
+        not_key.display(),
+        private.display(),
+        bad_jwks.display(),
+        dir.display()
+    ));
+    assert_eq!(code, Some(1), "{text}");
+    for key in [
+        "auth.hmac_secret_file: file not found",
+        "auth.public_keys[0]:",
+        "auth.public_keys[1]:",
+        "auth.jwks_file:",
+        "auth.jwks_url:",
+        "auth.jwks_ca:",
+        "auth.anonymous_subscribe[1]: bad pattern",
+        "auth.default_publish[0]: bad pattern",
+        "auth.leeway:",
+        "auth.bogus: unknown key",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(key)),
+            "no `{key}` line in:\n{text}"
+        );
+    }
+    assert!(text.contains("private key"), "{text}");
+    let (code, text) = run("");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("auth.mode:") && l.contains("at least one key")),
+        "{text}"
+    );
+    let (code, text) = run(&format!("hmac_secret_file = \"{}\"\n", short.display()));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("auth.hmac_secret_file:") && l.contains("32")),
+        "{text}"
+    );
+    let file = dir.join("m.toml");
+    std::fs::write(
+        &file,
+        daemon_config(&cert, "info", "").replace("mode = \"jwt\"", "mode = \"ldap\""),
+    )
+    .expect("write");
+    let out = std::process::Command::new(common::daemon::BIN)
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("check-config");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("auth.mode:") && l.contains("ldap")),
+        "{text}"
+    );
+    // The shipped example config (mode none) stays valid, and a good jwt one passes.
+    let ok = write(
+        dir,
+        "secret",
+        &format!("{}\n", String::from_utf8_lossy(SECRET)),
+    );
+    let (code, text) = run(&format!("hmac_secret_file = \"{}\"\n", ok.display()));
+    assert_eq!(code, Some(0), "{text}");
+}

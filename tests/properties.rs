@@ -577,3 +577,77 @@ fn naive_matcher_examples() {
         assert_eq!(naive_match(p, t), want, "{p} vs {t}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Auth (issue 13): subscribe coverage and publish matching of grants against
+// a brute-force reference over every topic of up to 5 segments.
+// ---------------------------------------------------------------------------
+
+/// Pattern segments over a small alphabet: literals `a`, `b`, and `*`;
+/// a final `>` sometimes. Up to 4 segments.
+fn small_pattern() -> impl Strategy<Value = String> {
+    (
+        proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("*")], 1..5),
+        any::<bool>(),
+    )
+        .prop_map(|(mut segs, tail)| {
+            if tail {
+                let last = segs.len() - 1;
+                segs[last] = ">";
+            }
+            segs.join(".")
+        })
+}
+
+/// Every topic of 1..=5 segments over `a`, `b`, `c` (`c` stands for any
+/// other literal): one longer than the longest pattern, so a topic that
+/// separates two patterns, if any exists, is among them.
+fn all_small_topics() -> &'static [String] {
+    static TOPICS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TOPICS.get_or_init(|| {
+        let mut out: Vec<String> = Vec::new();
+        let mut level: Vec<String> = vec![String::new()];
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for prefix in &level {
+                for seg in ["a", "b", "c"] {
+                    let t = if prefix.is_empty() {
+                        seg.to_string()
+                    } else {
+                        format!("{prefix}.{seg}")
+                    };
+                    next.push(t);
+                }
+            }
+            out.extend(next.iter().cloned());
+            level = next;
+        }
+        out
+    })
+}
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    /// Grant G covers P exactly when every topic P matches is matched by G.
+    #[test]
+    fn subscribe_coverage_is_topic_set_inclusion(g in small_pattern(), p in small_pattern()) {
+        let grants = wsbroker::auth::Grants::new(&[g.as_str()], &[], None);
+        let reference = all_small_topics()
+            .iter()
+            .all(|t| !naive_match(&p, t) || naive_match(&g, t));
+        prop_assert_eq!(grants.may_subscribe(&p), reference, "grant {} pattern {}", g, p);
+    }
+
+    /// Publishing is allowed exactly when a grant matches the topic.
+    #[test]
+    fn publish_grants_match_like_the_reference(
+        gs in proptest::collection::vec(small_pattern(), 1..4),
+        t in proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("c")], 1..6),
+    ) {
+        let topic = t.join(".");
+        let grants = wsbroker::auth::Grants::new(&[] as &[String], &gs, None);
+        let reference = gs.iter().any(|g| naive_match(g, &topic));
+        prop_assert_eq!(grants.may_publish(&topic), reference, "grants {:?} topic {}", gs, topic);
+    }
+}

@@ -438,3 +438,82 @@ pub fn from_jwks(bytes: &[u8]) -> Result<Vec<Key>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key fixes the algorithm: every (key type, alg) pair outside the
+    /// contract's table is refused before any signature check.
+    #[test]
+    fn each_key_type_supports_only_its_algorithms() {
+        use Alg::*;
+        let all = [
+            HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+        ];
+        let cases: [(KeyMaterial, &[Alg]); 5] = [
+            (KeyMaterial::Hmac(vec![0; 32]), &[HS256, HS384, HS512]),
+            (
+                KeyMaterial::Rsa {
+                    n: vec![1; 256],
+                    e: vec![1, 0, 1],
+                },
+                &[RS256, RS384, RS512, PS256, PS384, PS512],
+            ),
+            (KeyMaterial::P256(vec![4; 65]), &[ES256]),
+            (KeyMaterial::P384(vec![4; 97]), &[ES384]),
+            (KeyMaterial::Ed25519(vec![0; 32]), &[EdDSA]),
+        ];
+        for (key, ok) in &cases {
+            for alg in all {
+                assert_eq!(key.supports(alg), ok.contains(&alg), "{key:?} {alg:?}");
+            }
+        }
+        assert_eq!(Alg::from_name("none"), None);
+        assert_eq!(Alg::from_name("ES512"), None);
+        assert_eq!(Alg::from_name("hs256"), None);
+    }
+
+    #[test]
+    fn a_real_p256_key_refuses_es384_and_a_forged_hmac() {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let keys = from_pem(kp.public_key_pem().as_bytes()).expect("spki");
+        let [key @ KeyMaterial::P256(_)] = keys.as_slice() else {
+            panic!("expected one P-256 key, got {keys:?}");
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &kp.serialize_der(),
+            &rng,
+        )
+        .expect("signer");
+        let sig = signer.sign(&rng, b"msg").expect("sign");
+        assert!(key.verify(Alg::ES256, b"msg", sig.as_ref()));
+        assert!(!key.verify(Alg::ES384, b"msg", sig.as_ref()));
+        assert!(!key.verify(Alg::ES256, b"other", sig.as_ref()));
+        // An HMAC over the PEM text, presented as HS256: not for this key.
+        let pem = kp.public_key_pem();
+        let mac = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, pem.as_bytes()),
+            b"msg",
+        );
+        assert!(!key.verify(Alg::HS256, b"msg", mac.as_ref()));
+    }
+
+    #[test]
+    fn bad_key_files_say_why() {
+        assert!(from_pem(b"hello").is_err());
+        let private = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .expect("key")
+            .serialize_pem();
+        let err = from_pem(private.as_bytes()).expect_err("a private key");
+        assert!(err.contains("private key"), "{err}");
+        assert!(from_jwks(b"{}").is_err());
+        assert!(from_jwks(b"not json").is_err());
+        assert!(from_jwks(br#"{"keys":[{"kty":"oct","k":"AA"}]}"#)
+            .expect_err("nothing usable")
+            .contains("no usable"));
+        assert!(from_jwks(br#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#).is_err());
+    }
+}

@@ -112,6 +112,15 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Longest deadline kept: a token's `exp` is the signer's choice, and an
+/// `Instant` far in the future would overflow.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `now + d`, with `d` capped at [`MAX_DEADLINE`].
+fn deadline_in(d: Duration) -> Instant {
+    Instant::now() + d.min(MAX_DEADLINE)
+}
+
 /// One configuration's keys and lists.
 pub struct Authenticator {
     settings: AuthSettings,
@@ -272,7 +281,7 @@ impl Authenticator {
     pub fn anonymous_session(&self) -> Session {
         let grants = self.anonymous.clone();
         let due = grants.is_empty().then(|| Due {
-            at: Instant::now() + self.settings.auth_timeout,
+            at: deadline_in(self.settings.auth_timeout),
             close: REQUIRED_CLOSE,
         });
         Session {
@@ -294,9 +303,10 @@ impl Authenticator {
     }
 
     fn expiry(&self, exp: u64) -> Due {
-        let left = Duration::from_secs(exp.saturating_sub(unix_now())) + self.settings.leeway;
+        let left = Duration::from_secs(exp.saturating_sub(unix_now()))
+            .saturating_add(self.settings.leeway);
         Due {
-            at: Instant::now() + left,
+            at: deadline_in(left),
             close: EXPIRED_CLOSE,
         }
     }
@@ -304,14 +314,16 @@ impl Authenticator {
     /// Verifies a compact JWS: signature, then claims.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let parsed = jwt::parse(token)?;
-        match self.check_signature(&parsed) {
-            Err(AuthError::UnknownKey) if parsed.kid.is_some() && self.remote.is_some() => {
-                if let Some(remote) = &self.remote {
-                    remote.refresh_on_miss().await;
-                }
+        let first = self.check_signature(&parsed);
+        match (&self.remote, &parsed.kid) {
+            // A kid nobody has: the provider may have rotated. Fetch (rate
+            // limited) and try again, also when a kid-less key of the same
+            // type was tried and failed.
+            (Some(remote), Some(kid)) if first.is_err() && !self.knows_kid(kid) => {
+                remote.refresh_on_miss().await;
                 self.check_signature(&parsed)?;
             }
-            other => other?,
+            _ => first?,
         }
         let claims = jwt::claims(
             &parsed,
@@ -341,6 +353,16 @@ impl Authenticator {
             exp: claims.exp,
             grants,
         })
+    }
+
+    /// Whether a configured or fetched key has this `kid`.
+    fn knows_kid(&self, kid: &str) -> bool {
+        let known = |k: &Key| k.kid.as_deref() == Some(kid);
+        self.keys.iter().any(known)
+            || self
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.keys().iter().any(known))
     }
 
     /// Picks the candidate keys (by `kid`, else every key without one of
@@ -469,5 +491,24 @@ pub async fn admit(auth: &Authenticator, presented: &Presented) -> Result<Sessio
         [] => Ok(auth.anonymous_session()),
         [(_, token)] => Ok(auth.session(auth.verify(token).await?)),
         _ => Err(AuthError::Several),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_far_exp_does_not_overflow_the_deadline() {
+        let settings = crate::config::Settings::dev_defaults().auth;
+        let auth = Authenticator::load(&settings, None).expect("mode none loads");
+        let session = auth.session(Identity {
+            sub: "u".into(),
+            exp: u64::MAX,
+            grants: Grants::default(),
+        });
+        let due = session.due.expect("an expiry");
+        assert!(due.at > Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(due.close, EXPIRED_CLOSE);
     }
 }

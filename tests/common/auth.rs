@@ -270,7 +270,17 @@ pub async fn ws_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(Ws, Option<String>), tokio_tungstenite::tungstenite::Error> {
-    let mut req = format!("wss://localhost:{}{}", server.addr.port(), path)
+    ws_at(server.addr, &server.tls, path, headers).await
+}
+
+/// [`ws_with`] for any wss address (e.g. the real binary's).
+pub async fn ws_at(
+    addr: std::net::SocketAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, Option<String>), tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("wss://localhost:{}{}", addr.port(), path)
         .into_client_request()
         .expect("request");
     req.headers_mut()
@@ -282,7 +292,14 @@ pub async fn ws_with(
             v.parse().expect("value"),
         );
     }
-    let tls = server.tls().await;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("tcp connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .expect("tls connect");
     tokio_tungstenite::client_async(req, tls)
         .await
         .map(|(ws, resp)| {
@@ -317,4 +334,96 @@ pub async fn raw_upgrade(server: &TestServer, target: &str, extra: &str) -> Stri
             super::ORIGIN
         ))
         .await
+}
+
+/// A local https endpoint serving a JWKS that the test can change (status
+/// and body), counting requests: the identity provider of the rotation tests.
+pub struct JwksServer {
+    /// `https://localhost:PORT/jwks`.
+    pub url: String,
+    /// The CA (its own certificate) to put in `auth.jwks_ca`.
+    pub ca_path: PathBuf,
+    state: std::sync::Arc<std::sync::Mutex<(u16, String)>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _cert: super::TestCert,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl JwksServer {
+    /// Starts serving `body` with status 200.
+    pub async fn start(body: &str) -> JwksServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = super::make_cert();
+        let certs = vec![cert.cert_der.clone()];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.key_path).expect("key");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new((200u16, body.to_string())));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, h) = (state.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, st, h) = (acceptor.clone(), st.clone(), h.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (status, body) = st.lock().expect("state").clone();
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.flush().await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        JwksServer {
+            url: format!("https://localhost:{port}/jwks"),
+            ca_path: cert.cert_path.clone(),
+            state,
+            hits,
+            _cert: cert,
+            task,
+        }
+    }
+
+    /// Serves `body` with `status` from now on.
+    pub fn set(&self, status: u16, body: &str) {
+        *self.state.lock().expect("state") = (status, body.to_string());
+    }
+
+    /// Requests served so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }

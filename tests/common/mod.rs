@@ -22,6 +22,7 @@ use wsbroker::config::{LoadOptions, Settings};
 use wsbroker::server::RunningServer;
 
 pub mod auth;
+pub mod daemon;
 
 /// A child process (the real binary) killed and reaped on drop.
 pub struct KillOnDrop(pub std::process::Child);
