@@ -67,6 +67,15 @@ function errorMessage(e) {
   return e && e.message ? e.message : String(e);
 }
 
+// setTimeout fires at once for delays beyond 2^31-1 ms (about 24.8 days):
+// longer (or infinite) request timeouts mean "no timeout", longer backoff
+// delays are capped, and far refreshes are re-planned in steps.
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+function timeoutAfter(ms, fn) {
+  return ms >= 0 && ms < MAX_TIMER_MS ? setTimeout(fn, ms) : undefined;
+}
+
 function rethrowLater(e) {
   setTimeout(() => {
     throw e;
@@ -194,11 +203,11 @@ export class Client {
       return api;
     }
     this.#subs.add(sub);
-    sub.timer = setTimeout(() => {
+    sub.timer = timeoutAfter(this.#requestTimeoutMs, () => {
       sub.reject(
         new WsbrokerError('timeout', `subscribe ${sub.pattern}: no ack within ${this.#requestTimeoutMs} ms (the subscription stays and is sent on every connect)`),
       );
-    }, this.#requestTimeoutMs);
+    });
     if (this.#open) this.#sendSubscribe([sub]);
     return api;
   }
@@ -230,7 +239,7 @@ export class Client {
         timer: undefined,
         id: undefined,
       };
-      req.timer = setTimeout(() => {
+      req.timer = timeoutAfter(this.#requestTimeoutMs, () => {
         this.#dropRequest(req);
         reject(
           new WsbrokerError(
@@ -240,7 +249,7 @@ export class Client {
               : `publish ${topic}: no ack within ${this.#requestTimeoutMs} ms`,
           ),
         );
-      }, this.#requestTimeoutMs);
+      });
       if (this.#open) this.#send(req);
       else this.#queue.push(req);
     });
@@ -281,7 +290,9 @@ export class Client {
     if (typeof t !== 'function') return t ? String(t) : null;
     let timer;
     const timeout = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`token() did not answer within ${this.#requestTimeoutMs} ms`)), this.#requestTimeoutMs);
+      timer = timeoutAfter(this.#requestTimeoutMs, () =>
+        reject(new Error(`token() did not answer within ${this.#requestTimeoutMs} ms`)),
+      );
     });
     try {
       const v = await Promise.race([t(), timeout]);
@@ -344,7 +355,7 @@ export class Client {
     this.#refreshAttempt = 0;
     this.#stableTimer = setTimeout(() => {
       this.#attempt = 0;
-    }, this.#resetAfterMs);
+    }, Math.min(this.#resetAfterMs, MAX_TIMER_MS));
     this.#setState('open');
     if (this.#closed || ws !== this.#ws) return; // a 'state' listener closed it
     // Every subscription again, one request per distinct pattern.
@@ -440,7 +451,7 @@ export class Client {
     this.#setState('reconnecting');
     const delay = backoffDelay(this.#attempt++, this.#minDelayMs, this.#maxDelayMs, this.#random);
     clearTimeout(this.#reconnectTimer);
-    this.#reconnectTimer = setTimeout(() => this.#connect(), delay);
+    this.#reconnectTimer = setTimeout(() => this.#connect(), Math.min(delay, MAX_TIMER_MS));
   }
 
   // Ends the client: close() (report = false) or a close code after which
@@ -556,6 +567,11 @@ export class Client {
     const remaining = this.#tokenExp * 1000 - Date.now();
     // 60 s before exp, or after three quarters of what is left for a short-lived token.
     const delay = Math.max(0, remaining - 60000, remaining * 0.75);
+    if (delay >= MAX_TIMER_MS) {
+      // A token valid for months: look again later rather than refresh now.
+      this.#refreshTimer = setTimeout(() => this.#scheduleRefresh(), MAX_TIMER_MS);
+      return;
+    }
     this.#refreshTimer = setTimeout(() => this.#refresh(), delay);
   }
 
@@ -568,7 +584,7 @@ export class Client {
       const remaining = this.#tokenExp * 1000 - Date.now();
       if (remaining > 0) delay = Math.min(delay, Math.max(50, remaining / 2));
     }
-    this.#refreshTimer = setTimeout(() => this.#refresh(), delay);
+    this.#refreshTimer = setTimeout(() => this.#refresh(), Math.min(delay, MAX_TIMER_MS));
   }
 
   async #refresh() {
@@ -601,10 +617,10 @@ export class Client {
       },
       timer: undefined,
     };
-    req.timer = setTimeout(() => {
+    req.timer = timeoutAfter(this.#requestTimeoutMs, () => {
       this.#dropRequest(req);
       req.onError(new WsbrokerError('timeout', `no answer to the auth op within ${this.#requestTimeoutMs} ms`));
-    }, this.#requestTimeoutMs);
+    });
     this.#send(req);
   }
 

@@ -321,6 +321,32 @@ test('a token() that throws or hangs is reported and retried (mode "none" ignore
   }
 });
 
+test('far-off expiries and infinite timeouts: no refresh storm, no instant timeout (setTimeout caps at 2^31-1 ms)', async () => {
+  let calls = 0;
+  const exp = Math.floor(Date.now() / 1000) + 10 * 365 * 86400; // ten years
+  const jwt = `e30.${Buffer.from(JSON.stringify({ sub: 'x', exp })).toString('base64url')}.sig`;
+  const c = new Client(broker.url, {
+    WebSocket: broker.webSocket(),
+    requestTimeoutMs: Infinity,
+    token: () => {
+      calls++;
+      return jwt;
+    },
+  });
+  const rec = record(c);
+  try {
+    const h = inbox();
+    await c.subscribe('far.x', h).ready;
+    await c.publish('far.x', 1);
+    assert.deepEqual(await h.next(), { topic: 'far.x', data: 1 });
+    await sleep(500);
+    assert.equal(calls, 1, 'token() asked once, no refresh scheduled years early');
+    assert.deepEqual(rec.errors, []);
+  } finally {
+    c.close();
+  }
+});
+
 test('an exception in a handler is reported on "error" and other handlers still run', async () => {
   const c = client();
   const rec = record(c);
