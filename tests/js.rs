@@ -187,7 +187,7 @@ fn run_suite(files: &[&str], min_tests: usize, extra_env: &[(&str, &Path)]) {
 
 #[test]
 fn js_client_acks_dispatch_errors_close() {
-    run_suite(&["client.test.mjs"], 16, &[]);
+    run_suite(&["client.test.mjs"], 17, &[]);
 }
 
 #[test]

@@ -601,6 +601,16 @@ export class Client {
       return;
     }
     if (ws !== this.#ws || !this.#open) return;
+    const newExp = tokenExpiry(token);
+    if (newExp !== undefined && this.#tokenExp !== undefined && newExp <= this.#tokenExp) {
+      // A cached token handed back: sending it would change nothing (and,
+      // near the expiry, refresh in a loop). Ask again later.
+      this.#emitError(
+        new WsbrokerError('refresh_failed', `token refresh failed: token() returned a token expiring no later than the current one (exp ${newExp})`),
+      );
+      this.#retryRefresh();
+      return;
+    }
     const req = {
       kind: 'auth',
       frame: (id) => JSON.stringify({ op: 'auth', token, id }),

@@ -347,6 +347,34 @@ test('far-off expiries and infinite timeouts: no refresh storm, no instant timeo
   }
 });
 
+test('a token() that keeps returning the same token is not sent again and again: reported, retried with backoff', async () => {
+  let calls = 0;
+  const exp = Math.floor(Date.now() / 1000) + 2;
+  const jwt = `e30.${Buffer.from(JSON.stringify({ sub: 'x', exp })).toString('base64url')}.sig`;
+  const c = new Client(broker.url, {
+    WebSocket: broker.webSocket(),
+    reconnect: { minDelayMs: 200, maxDelayMs: 400 },
+    token: () => {
+      calls++;
+      return jwt;
+    },
+  });
+  const rec = record(c);
+  try {
+    await waitState(c, 'open');
+    // Past the expiry ("none" mode never closes): refreshes are attempted, at the backoff's pace.
+    await waitFor(() => Date.now() / 1000 > exp + 1.5, 'past exp', 10000);
+    const failed = rec.errors.filter((e) => e.code === 'refresh_failed');
+    assert.ok(failed.length >= 2, `refresh attempts reported: ${failed.length}`);
+    assert.match(failed[0].message, /no later than the current one/);
+    // At most one attempt per 200 ms (minDelayMs) once past exp; a few more before it.
+    assert.ok(calls < 40, `token() called ${calls} times in about 3 s`);
+    assert.equal(c.state, 'open');
+  } finally {
+    c.close();
+  }
+});
+
 test('an exception in a handler is reported on "error" and other handlers still run', async () => {
   const c = client();
   const rec = record(c);
