@@ -57,9 +57,9 @@ pub struct ReconnectReport {
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Runs both storms against `args.client.url` with `n` connections.
+/// Runs both storms against the first `--url` with `n` connections.
 pub async fn run(args: &BenchArgs, n: usize) -> Result<ReconnectReport, BenchError> {
-    let mut target = Target::resolve(&args.client.url).await?;
+    let mut target = Target::resolve(args.client.primary_url()).await?;
     target.addrs.sort_by_key(|a| !a.is_ipv4());
     let target = Arc::new(target);
     let request = Arc::new(client::upgrade_request(&target, &args.client)?);
