@@ -266,3 +266,92 @@ async fn the_drain_is_bounded_by_two_seconds() {
         "released after {took:?}, expected the 2 s drain bound"
     );
 }
+
+/// Runs `rounds` connections at once, each made by `connect(round)`, that
+/// send `first` and then `junk` every `pace` until the server closes; every
+/// one must end with `code`/`reason` and cleanly. For closes that come after
+/// a fixed delay (auth), where rounds one after another would take minutes.
+async fn every_one_at_once<F, Fut>(
+    rounds: usize,
+    connect: F,
+    first: Vec<u8>,
+    junk: Vec<u8>,
+    pace: Duration,
+    code: u16,
+    reason: &str,
+) where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+{
+    let expected = ServerClose {
+        code,
+        reason: reason.into(),
+    };
+    let mut tasks = Vec::new();
+    for round in 0..rounds {
+        let stream = connect(round).await;
+        let (first, junk) = (first.clone(), junk.clone());
+        tasks.push(tokio::spawn(async move {
+            close_code_while_sending(stream, first, junk, pace).await
+        }));
+    }
+    for (round, task) in tasks.into_iter().enumerate() {
+        let got = task.await.expect("round task");
+        assert_eq!(got.as_ref(), Ok(&expected), "round {round} of {rounds}");
+    }
+}
+
+/// A jwt-mode server keyed with an HMAC secret written to a temp file.
+async fn jwt_server(extra: &[(&str, &str)]) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = common::auth::write(
+        dir.path(),
+        "secret",
+        &String::from_utf8_lossy(common::auth::SECRET),
+    );
+    let secret = secret.display().to_string();
+    let mut overrides = vec![
+        ("WSBROKER__AUTH__MODE", "jwt"),
+        ("WSBROKER__AUTH__HMAC_SECRET_FILE", secret.as_str()),
+    ];
+    overrides.extend_from_slice(extra);
+    (TestServer::start(&overrides).await, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_timeout_gets_4003_while_forbidden_requests_still_arrive() {
+    let (server, _dir) = jwt_server(&[("WSBROKER__AUTH__AUTH_TIMEOUT", "300ms")]).await;
+    // No token and no anonymous permission: every subscribe is refused
+    // (`forbidden`) until the auth_timeout closes the connection.
+    let sub = raw::text(r#"{"op":"subscribe","topic":"a","id":1}"#);
+    every_one_at_once(
+        ROUNDS,
+        |_| server.raw_ws(),
+        sub.clone(),
+        sub,
+        Duration::from_millis(5),
+        4003,
+        "authentication required",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_gets_4001_while_publishes_still_arrive() {
+    let (server, _dir) = jwt_server(&[("WSBROKER__AUTH__LEEWAY", "0s")]).await;
+    let signer = common::auth::Signer::hmac("HS256", common::auth::SECRET);
+    // `exp` is whole seconds: 3 s from now leaves at least 2 s for the
+    // upgrades (a 401 `token expired` would fail the round's connect).
+    let token = signer.sign(&common::auth::claims("u", 3, &[], &["a"]));
+    let header = format!("Authorization: Bearer {token}\r\n");
+    every_one_at_once(
+        ROUNDS,
+        |_| server.raw_ws_with(&header),
+        publish("a", 100),
+        publish("a", 100),
+        Duration::from_millis(2),
+        4001,
+        "token expired",
+    )
+    .await;
+}

@@ -331,8 +331,15 @@ pub mod raw;
 impl TestServer {
     /// A TLS connection upgraded by hand, for the raw client in [`raw`].
     pub async fn raw_ws(&self) -> TlsStream<TcpStream> {
+        self.raw_ws_with("").await
+    }
+
+    /// [`TestServer::raw_ws`] with extra request header lines (`\r\n` each).
+    pub async fn raw_ws_with(&self, extra: &str) -> TlsStream<TcpStream> {
         let mut tls = self.tls().await;
-        raw::upgrade(&mut tls).await.expect("raw upgrade");
+        raw::upgrade_with(&mut tls, extra)
+            .await
+            .expect("raw upgrade");
         tls
     }
 }

@@ -64,8 +64,17 @@ pub fn text(json: &str) -> Vec<u8> {
 /// Writes the upgrade request for `/ws` with the harness origin and reads
 /// the response head; Err with the head when it is not a 101.
 pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
+    upgrade_with(stream, "").await
+}
+
+/// [`upgrade`] with `extra` header lines (each ending in `\r\n`), e.g. an
+/// `Authorization: Bearer` header.
+pub async fn upgrade_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    extra: &str,
+) -> Result<(), String> {
     let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\r\n"
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n{extra}\r\n"
     );
     let io = |e: std::io::Error| format!("upgrade: {e}");
     stream.write_all(req.as_bytes()).await.map_err(io)?;
