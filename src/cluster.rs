@@ -12,11 +12,14 @@
 //! copy. Taking a new, overlapping subscription never changes which one is
 //! canonical for the topics the older one covers, and all messages of one
 //! topic come in through the same subscription, in NATS order.
+//!
+//! Each NATS subscription has a pump task that moves its messages into one
+//! bounded inbound queue (overflow dropped and counted), read by the task
+//! that owns the interest bookkeeping and delivers.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::{ConnectOptions, Event, HeaderMap, ServerAddr};
 use bytes::Bytes;
-use futures_util::stream::{SelectAll, Stream, StreamExt};
+use futures_util::stream::StreamExt;
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -48,9 +51,18 @@ pub const INTEREST_LINGER: Duration = Duration::from_secs(1);
 /// How often lingering subscriptions are checked for removal.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
-/// Messages buffered per NATS subscription between the NATS reader and the
-/// delivering task; beyond that the client drops them (`slow_consumer`).
-pub const SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Messages from NATS waiting for the delivering task, over all
+/// subscriptions; beyond that they are dropped (`slow_consumer`).
+pub const INBOUND_CAPACITY: usize = 8192;
+
+/// Messages the NATS client buffers per subscription before the
+/// subscription's pump moves them on. The pump only `try_send`s, but it is
+/// one task among many: while every connection's writer is woken by a
+/// fan-out it can wait its turn, and the client must absorb the burst
+/// meanwhile. Drops here are counted from the client's slow-consumer
+/// events, which can miss some (its event queue holds 128), so the buffer
+/// is large enough that the exact count at the pump is the one that counts.
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
 /// Local publishes waiting to be handed to the NATS client; beyond that
 /// they are dropped (`publish_failed`), never queued without bound.
@@ -388,6 +400,7 @@ pub async fn start(
         metrics,
         stop.clone(),
     ));
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
     let receiver = Receiver {
         client,
         broker: broker.clone(),
@@ -396,12 +409,12 @@ pub async fn start(
         max_message_size,
         held: HashMap::new(),
         live: TopicIndex::new(),
-        streams: SelectAll::new(),
+        inbound: inbound_tx,
         next_serial: 1,
         metrics,
         drop_log: crate::logging::RateLimit::new(Duration::from_secs(5)),
     };
-    tokio::spawn(receiver.run(interest_rx, stop));
+    tokio::spawn(receiver.run(interest_rx, inbound_rx, stop));
     broker.attach_cluster(interest_tx, forwarder);
     Ok(Arc::new(Cluster { link, node_id }))
 }
@@ -455,7 +468,34 @@ struct Held {
     linger_until: Option<Instant>,
 }
 
-type Copies = Pin<Box<dyn Stream<Item = (u64, async_nats::Message)> + Send>>;
+/// A message from NATS with the serial of the subscription it came in on.
+type Copy = (u64, async_nats::Message);
+
+/// Moves one subscription's messages into the shared inbound queue without
+/// waiting: a full queue drops the message (`slow_consumer`). Ends (and
+/// drops the subscription, which unsubscribes) on `cancel`.
+async fn pump(
+    mut sub: async_nats::Subscriber,
+    serial: u64,
+    inbound: mpsc::Sender<Copy>,
+    cancel: CancellationToken,
+    metrics: &'static ClusterMetrics,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        match inbound.try_send((serial, msg)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => metrics.slow_consumer.increment(1),
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
+        }
+    }
+}
 
 /// Follows the broker's patterns with NATS subscriptions and delivers
 /// what arrives on them.
@@ -468,7 +508,8 @@ struct Receiver {
     held: HashMap<Box<str>, Held>,
     /// The held patterns by serial, to find the canonical one for a topic.
     live: TopicIndex<()>,
-    streams: SelectAll<Copies>,
+    /// Where the subscriptions' pumps put what arrives (bounded).
+    inbound: mpsc::Sender<Copy>,
     next_serial: u64,
     metrics: &'static ClusterMetrics,
     drop_log: crate::logging::RateLimit,
@@ -478,6 +519,7 @@ impl Receiver {
     async fn run(
         mut self,
         mut interest: mpsc::UnboundedReceiver<Interest>,
+        mut inbound: mpsc::Receiver<Copy>,
         stop: CancellationToken,
     ) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -494,11 +536,12 @@ impl Receiver {
                     }
                     None => break,
                 },
-                Some((serial, msg)) = self.streams.next(), if !self.streams.is_empty() => {
-                    self.on_message(serial, msg);
-                }
+                Some((serial, msg)) = inbound.recv() => self.on_message(serial, msg),
                 _ = sweep.tick() => self.sweep(),
             }
+        }
+        for held in self.held.values() {
+            held.cancel.cancel();
         }
     }
 
@@ -513,10 +556,13 @@ impl Receiver {
                 let serial = self.next_serial;
                 self.next_serial += 1;
                 let cancel = CancellationToken::new();
-                let copies = sub
-                    .map(move |m| (serial, m))
-                    .take_until(cancel.clone().cancelled_owned());
-                self.streams.push(Box::pin(copies));
+                tokio::spawn(pump(
+                    sub,
+                    serial,
+                    self.inbound.clone(),
+                    cancel.clone(),
+                    self.metrics,
+                ));
                 self.live.insert(&pattern, serial, ());
                 self.held.insert(
                     pattern,

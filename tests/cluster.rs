@@ -643,3 +643,82 @@ async fn tls_and_token_to_nats() {
         0.0
     );
 }
+
+/// What arrives from NATS faster than the node can deliver it is dropped
+/// and counted (`slow_consumer`), in bounded memory, and the node keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_nats_is_dropped_and_counted_as_slow_consumer() {
+    let nats = NatsServer::start(&[]).await;
+    let a = node(&nats, "node-a").await;
+    // Many local subscribers make each message from NATS cost a fan-out.
+    let mut subs = Vec::new();
+    for _ in 0..200 {
+        let mut ws = a.ws().await;
+        subscribe(&mut ws, "flood", 1).await;
+        subs.push(ws);
+    }
+    wait_subs(&nats, "node-a", &["wsbroker.flood"]).await;
+    // The test's subscribers are not read during the flood: their outboxes
+    // overflow (drop_oldest), which never slows the node's NATS reader.
+    let client = async_nats::connect(nats.url()).await.expect("nats client");
+    const N: u64 = 60_000;
+    for i in 0..N {
+        client
+            .publish("wsbroker.flood", format!("{i}").into())
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    wait_until(Duration::from_secs(30), "slow_consumer counted", || async {
+        metric_of(
+            &a,
+            r#"wsbroker_cluster_errors_total{reason="slow_consumer"}"#,
+        )
+        .await
+            > 0.0
+    })
+    .await;
+    // Once the node has worked through what it kept, every message is
+    // either received or counted as dropped.
+    let counts = || async {
+        let m = a.metrics().await;
+        (
+            metric(&m, "wsbroker_cluster_messages_received_total"),
+            metric(
+                &m,
+                r#"wsbroker_cluster_errors_total{reason="slow_consumer"}"#,
+            ),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = counts().await;
+    while last.0 + last.1 < N as f64 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = counts().await;
+    }
+    let (received, dropped) = last;
+    eprintln!("flood: received {received}, slow_consumer {dropped} of {N}");
+    // All of it fits in the client's per-subscription buffer (65,536), so
+    // the count is exact: delivered or counted, nothing else.
+    assert_eq!(
+        received + dropped,
+        N as f64,
+        "received {received}, dropped {dropped}"
+    );
+    assert!(dropped > 0.0, "nothing dropped: the flood did not overflow");
+    // Still serving: a fresh subscriber gets a message published on NATS.
+    let mut fresh = a.ws().await;
+    subscribe(&mut fresh, "after", 1).await;
+    wait_subs(&nats, "node-a", &["wsbroker.after", "wsbroker.flood"]).await;
+    client
+        .publish("wsbroker.after", "\"still here\"".into())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    assert_eq!(
+        recv_message(&mut fresh).await,
+        message("after", json!("still here"))
+    );
+    drop(subs);
+}
