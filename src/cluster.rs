@@ -13,9 +13,15 @@
 //! canonical for the topics the older one covers, and all messages of one
 //! topic come in through the same subscription, in NATS order.
 //!
-//! Each NATS subscription has a pump task that moves its messages into one
-//! bounded inbound queue (overflow dropped and counted), read by the task
-//! that owns the interest bookkeeping and delivers.
+//! Per-publisher order across subscriptions: the NATS client hands each
+//! subscription its own queue, so two messages of one publisher on topics
+//! that arrive through different subscriptions (a subscriber holding `a.*`
+//! and `b.*`) could be taken out of order. Every message a node publishes
+//! carries its sequence number (`Wsbroker-Seq`, per node), and one pump task
+//! takes from all subscriptions at once in [`Merge`] rounds that put each
+//! sender's messages back in sequence order before they reach the bounded
+//! inbound queue (overflow dropped and counted), read by the task that owns
+//! the interest bookkeeping and delivers.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,6 +34,7 @@ use async_nats::connection::State;
 use async_nats::{ConnectOptions, Event, HeaderMap, ServerAddr};
 use bytes::Bytes;
 use futures_util::stream::StreamExt;
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -44,6 +51,10 @@ use crate::topics::TopicIndex;
 /// The NATS header naming the node that published a message.
 pub const NODE_HEADER: &str = "Wsbroker-Node";
 
+/// The NATS header with the publishing node's sequence number (1, 2, …):
+/// restores per-publisher order across subscriptions (see [`Merge`]).
+pub const SEQ_HEADER: &str = "Wsbroker-Seq";
+
 /// How long a NATS subscription is kept after its last local subscriber
 /// left, so a client that resubscribes at once costs no UNSUB/SUB pair.
 pub const INTEREST_LINGER: Duration = Duration::from_secs(1);
@@ -55,9 +66,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// subscriptions; beyond that they are dropped (`slow_consumer`).
 pub const INBOUND_CAPACITY: usize = 8192;
 
-/// Messages the NATS client buffers per subscription before the
-/// subscription's pump moves them on. The pump only `try_send`s, but it is
-/// one task among many: while every connection's writer is woken by a
+/// Messages the NATS client buffers per subscription before the pump moves
+/// them on. The pump only `try_send`s, but it is one task among many: while every connection's writer is woken by a
 /// fan-out it can wait its turn, and the client must absorb the burst
 /// meanwhile. Drops here are counted from the client's slow-consumer
 /// events, which can miss some (its event queue holds 128), so the buffer
@@ -401,6 +411,8 @@ pub async fn start(
         stop.clone(),
     ));
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let (pump_tx, pump_rx) = mpsc::unbounded_channel();
+    tokio::spawn(pump(pump_rx, inbound_tx, metrics));
     let receiver = Receiver {
         client,
         broker: broker.clone(),
@@ -409,7 +421,7 @@ pub async fn start(
         max_message_size,
         held: HashMap::new(),
         live: TopicIndex::new(),
-        inbound: inbound_tx,
+        pump: pump_tx,
         next_serial: 1,
         metrics,
         drop_log: crate::logging::RateLimit::new(Duration::from_secs(5)),
@@ -429,6 +441,7 @@ async fn publish_loop(
 ) {
     let mut headers = HeaderMap::new();
     headers.insert(NODE_HEADER, node_id.as_str());
+    let mut seq = 0u64;
     loop {
         let out = tokio::select! {
             _ = stop.cancelled() => break,
@@ -443,8 +456,11 @@ async fn publish_loop(
             metrics.publish_failed.increment(1);
             continue;
         }
+        seq += 1;
+        let mut headers = headers.clone();
+        headers.insert(SEQ_HEADER, seq.to_string().as_str());
         match client
-            .publish_with_headers(out.subject, headers.clone(), out.data)
+            .publish_with_headers(out.subject, headers, out.data)
             .await
         {
             Ok(()) => metrics.sent.increment(1),
@@ -471,29 +487,127 @@ struct Held {
 /// A message from NATS with the serial of the subscription it came in on.
 type Copy = (u64, async_nats::Message);
 
-/// Moves one subscription's messages into the shared inbound queue without
-/// waiting: a full queue drops the message (`slow_consumer`). Ends (and
-/// drops the subscription, which unsubscribes) on `cancel`.
+/// A subscription handed to the pump: its serial, the stream, and the
+/// token that ends it (dropping the stream unsubscribes).
+type Taken = (u64, async_nats::Subscriber, CancellationToken);
+
+/// One subscription's stream in the pump, tagged with its serial.
+type Tagged = std::pin::Pin<Box<dyn futures_util::Stream<Item = Copy> + Send>>;
+
+/// The sender and sequence number of a message a node published; `None`
+/// for other NATS clients' messages.
+fn sender_seq(msg: &async_nats::Message) -> Option<(&str, u64)> {
+    let h = msg.headers.as_ref()?;
+    let node = h.get(NODE_HEADER)?.as_str();
+    let seq = h.get(SEQ_HEADER)?.as_str().parse().ok()?;
+    Some((node, seq))
+}
+
+/// Puts messages taken from several subscriptions back in each sender's
+/// order.
+///
+/// The NATS client reads its socket in order and hands each message to its
+/// subscription's queue before it reads the next. So once a message has
+/// been taken from any queue, every message that came before it on the
+/// socket is already in some queue. A round therefore takes whatever the
+/// queues hold (pass 1), then takes again (pass 2: now every predecessor of
+/// a pass-1 message is in hand), and releases, per sender, the messages up
+/// to the highest sequence number seen in pass 1, in sequence order. Later
+/// ones wait for the next round, which starts at once. Messages without a
+/// sequence (other NATS clients) keep their arrival order per subscription.
+#[derive(Default)]
+pub struct Merge {
+    held: Vec<Copy>,
+}
+
+impl Merge {
+    /// Messages waiting for a later round.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Adds a message taken outside a round (the one a wait returned).
+    pub fn push(&mut self, copy: Copy) {
+        self.held.push(copy);
+    }
+
+    /// One round over `take` (which drains every queue without waiting
+    /// into the vector it is given); returns the messages to release, in
+    /// order.
+    pub fn round(&mut self, mut take: impl FnMut(&mut Vec<Copy>)) -> Vec<Copy> {
+        take(&mut self.held);
+        let mut bound: HashMap<&str, u64> = HashMap::new();
+        for (_, msg) in &self.held {
+            if let Some((node, seq)) = sender_seq(msg) {
+                let b = bound.entry(node).or_insert(seq);
+                *b = (*b).max(seq);
+            }
+        }
+        // Owned: the bounds borrow from messages about to move.
+        let bound: HashMap<String, u64> =
+            bound.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        take(&mut self.held);
+        let (mut out, later): (Vec<Copy>, Vec<Copy>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(_, msg)| match sender_seq(msg) {
+                None => true,
+                Some((node, seq)) => bound.get(node).is_some_and(|b| seq <= *b),
+            });
+        self.held = later;
+        // Stable: messages without a sequence keep their arrival order.
+        out.sort_by(|(_, a), (_, b)| sender_seq(a).cmp(&sender_seq(b)));
+        out
+    }
+}
+
+/// Moves every subscription's messages into the shared inbound queue, in
+/// each sender's order ([`Merge`]), without waiting: a full queue drops the
+/// message (`slow_consumer`). A subscription ends (and is dropped, which
+/// unsubscribes) when its token is cancelled.
 async fn pump(
-    mut sub: async_nats::Subscriber,
-    serial: u64,
+    mut taken: mpsc::UnboundedReceiver<Taken>,
     inbound: mpsc::Sender<Copy>,
-    cancel: CancellationToken,
     metrics: &'static ClusterMetrics,
 ) {
+    let mut subs: futures_util::stream::SelectAll<Tagged> = futures_util::stream::SelectAll::new();
+    let add = |subs: &mut futures_util::stream::SelectAll<Tagged>, (serial, sub, cancel): Taken| {
+        let stream = sub
+            .map(move |msg| (serial, msg))
+            .take_until(cancel.cancelled_owned());
+        subs.push(Box::pin(stream));
+    };
+    let mut merge = Merge::default();
     loop {
-        let msg = tokio::select! {
-            _ = cancel.cancelled() => break,
-            msg = sub.next() => match msg {
-                Some(msg) => msg,
-                None => break,
-            },
-        };
-        match inbound.try_send((serial, msg)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => metrics.slow_consumer.increment(1),
-            Err(mpsc::error::TrySendError::Closed(_)) => break,
+        if merge.is_empty() {
+            tokio::select! {
+                t = taken.recv() => match t {
+                    Some(t) => add(&mut subs, t),
+                    None => break,
+                },
+                Some(copy) = subs.next(), if !subs.is_empty() => merge.push(copy),
+            }
         }
+        while let Ok(t) = taken.try_recv() {
+            add(&mut subs, t);
+        }
+        // Through the `SelectAll` (not each stream on its own): a poll
+        // without a waker must not replace the wakers it waits on, and it
+        // drops the streams that have ended (which unsubscribes them).
+        let out = merge.round(|into| {
+            while let Some(Some(copy)) = subs.next().now_or_never() {
+                into.push(copy);
+            }
+        });
+        for copy in out {
+            match inbound.try_send(copy) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => metrics.slow_consumer.increment(1),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        // A round may release nothing (all held for the next one); let the
+        // NATS client's task run before taking again.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -508,8 +622,8 @@ struct Receiver {
     held: HashMap<Box<str>, Held>,
     /// The held patterns by serial, to find the canonical one for a topic.
     live: TopicIndex<()>,
-    /// Where the subscriptions' pumps put what arrives (bounded).
-    inbound: mpsc::Sender<Copy>,
+    /// Hands new subscriptions to the pump.
+    pump: mpsc::UnboundedSender<Taken>,
     next_serial: u64,
     metrics: &'static ClusterMetrics,
     drop_log: crate::logging::RateLimit,
@@ -556,13 +670,8 @@ impl Receiver {
                 let serial = self.next_serial;
                 self.next_serial += 1;
                 let cancel = CancellationToken::new();
-                tokio::spawn(pump(
-                    sub,
-                    serial,
-                    self.inbound.clone(),
-                    cancel.clone(),
-                    self.metrics,
-                ));
+                // Only fails once the pump has ended (shutdown).
+                let _ = self.pump.send((serial, sub, cancel.clone()));
                 self.live.insert(&pattern, serial, ());
                 self.held.insert(
                     pattern,
@@ -665,6 +774,55 @@ mod tests {
             metrics: crate::metrics::cluster_metrics(),
             error_log: crate::logging::RateLimit::new(Duration::from_secs(5)),
         }
+    }
+
+    fn msg(node: Option<&str>, seq: u64, body: &str) -> async_nats::Message {
+        let headers = node.map(|n| {
+            let mut h = HeaderMap::new();
+            h.insert(NODE_HEADER, n);
+            h.insert(SEQ_HEADER, seq.to_string().as_str());
+            h
+        });
+        async_nats::Message {
+            subject: "wsbroker.t".into(),
+            reply: None,
+            payload: Bytes::copy_from_slice(body.as_bytes()),
+            headers,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    fn bodies(out: &[Copy]) -> Vec<String> {
+        out.iter()
+            .map(|(_, m)| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_round_restores_each_senders_order_and_holds_what_may_have_predecessors_pending() {
+        let mut merge = Merge::default();
+        // Pass 1 sees a's 2 (on one subscription) and b's 7; pass 2 sees a's
+        // 1 (another subscription, taken before 2 was), a's 3 and a plain
+        // NATS client's message.
+        let mut passes = vec![
+            vec![(1, msg(Some("a"), 2, "a2")), (1, msg(Some("b"), 7, "b7"))],
+            vec![
+                (2, msg(Some("a"), 1, "a1")),
+                (2, msg(None, 0, "n1")),
+                (1, msg(Some("a"), 3, "a3")),
+            ],
+        ]
+        .into_iter();
+        let out = merge.round(|into| into.extend(passes.next().unwrap_or_default()));
+        assert_eq!(bodies(&out), ["n1", "a1", "a2", "b7"]);
+        // a's 3 came only in pass 2: one of its predecessors could still
+        // have been on its way, so it waits for the next round.
+        assert!(!merge.is_empty());
+        let out = merge.round(|_| {});
+        assert_eq!(bodies(&out), ["a3"]);
+        assert!(merge.is_empty());
     }
 
     #[test]

@@ -208,6 +208,51 @@ async fn thousands_of_messages_arrive_in_order_across_nodes() {
     let _ = sender.await;
 }
 
+/// One publisher's messages to topics that a remote subscriber holds
+/// through different patterns (so they reach its node on different NATS
+/// subscriptions) still arrive in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_across_topics_held_through_different_patterns() {
+    let nats = NatsServer::start(&[]).await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut sub = b.ws().await;
+    for (i, p) in ["p.x", "p.y.*", "p.z.>", "q.*"].iter().enumerate() {
+        subscribe(&mut sub, p, i as u64 + 1).await;
+    }
+    wait_subs(
+        &nats,
+        "node-b",
+        &[
+            "wsbroker.p.x",
+            "wsbroker.p.y.*",
+            "wsbroker.p.z.>",
+            "wsbroker.q.*",
+        ],
+    )
+    .await;
+    const N: u64 = 4000;
+    const TOPICS: [&str; 4] = ["p.x", "p.y.1", "p.z.a.b", "q.r"];
+    let mut pub_a = a.ws().await;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            let topic = TOPICS[(i % 4) as usize];
+            send(
+                &mut pub_a,
+                json!({"op":"publish","topic":topic,"data":{"i":i}}),
+            )
+            .await;
+        }
+        pub_a
+    });
+    for i in 0..N {
+        let m = recv_message(&mut sub).await;
+        assert_eq!(m["data"]["i"], json!(i), "out of order or lost: {m}");
+        assert_eq!(m["topic"], TOPICS[(i % 4) as usize]);
+    }
+    let _ = sender.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interest_follows_local_patterns_in_nats_connz() {
     let nats = NatsServer::start(&[]).await;
