@@ -1099,7 +1099,10 @@ mod tests {
         .expect_err("invalid");
         let text = err.to_string();
         assert!(text.contains("auth.jwks_url:"), "{text}");
-        assert!(text.contains("auth.anonymous_publish[0]: bad pattern"), "{text}");
+        assert!(
+            text.contains("auth.anonymous_publish[0]: bad pattern"),
+            "{text}"
+        );
     }
 
     #[test]
