@@ -82,6 +82,7 @@ fn verification(c: &mut Criterion) {
             "-out",
         ])
         .arg(&rsa_key)
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if made {

@@ -5,10 +5,16 @@
 # Both modes get the same token (mode none ignores it), so the difference
 # is verification and the permission checks.
 #   cargo build --release && benches/auth_ab.sh [RUNS]
+# SCENARIOS (default "fanoutmax fanoutrate connect") picks the scenarios,
+# RATE (default 1000) the fixed publish rate of fanoutrate, CONNS (default
+# 5000) the connections of connect.
 # Needs openssl and python3 with `cryptography` (to mint the token).
 # Everything talks to 127.0.0.1 only; every run stops by itself.
 set -u
 RUNS=${1:-3}
+SCENARIOS=${SCENARIOS:-fanoutmax fanoutrate connect}
+RATE=${RATE:-1000}
+CONNS=${CONNS:-5000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/wsbroker
 WORK=$(mktemp -d)
@@ -66,26 +72,38 @@ bench() { # name, mode, bench args...
 }
 for _ in $(seq "$RUNS"); do
   for mode in none jwt; do
-    start_server "$mode"
-    bench fanoutmax "$mode" --subscribers 1000 --rate max --payload 64 --duration 10s
-    start_server "$mode"
-    bench fanout2000 "$mode" --subscribers 1000 --rate 2000 --payload 64 --duration 10s
-    start_server "$mode"
-    bench connect5000 "$mode" --connections-only 5000 --hold 1s
+    for sc in $SCENARIOS; do
+      start_server "$mode"
+      case $sc in
+        fanoutmax) bench fanoutmax "$mode" --subscribers 1000 --rate max --payload 64 --duration 10s ;;
+        fanoutrate) bench fanoutrate "$mode" --subscribers 1000 --rate "$RATE" --payload 64 --duration 10s ;;
+        connect) bench connect "$mode" --connections-only "$CONNS" --hold 1s ;;
+      esac
+    done
   done
 done
 python3 - results.jsonl <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows:  # server CPU per delivery, per connection
+    rep = r["report"]
+    if rep.get("delivered") and rep.get("server_cpu_seconds") is not None:
+        rep["server_cpu_us_per_delivery"] = rep["server_cpu_seconds"] * 1e6 / rep["delivered"]
+    if rep.get("connections") and rep.get("connect_server_cpu_seconds") is not None:
+        rep["server_cpu_us_per_connection"] = rep["connect_server_cpu_seconds"] * 1e6 / rep["connections"]
 def med(scenario, mode, key):
     v = [r["report"].get(key) for r in rows if r["scenario"] == scenario and r["mode"] == mode]
     v = [x for x in v if x is not None]
     return (statistics.median(v), v) if v else (float("nan"), v)
-for scenario, keys in [("fanoutmax", ["deliveries_per_s", "server_cpu_seconds", "lost"]),
-                       ("fanout2000", ["deliveries_per_s", "server_cpu_seconds", "lost"]),
-                       ("connect5000", ["connect_per_s", "connect_server_cpu_seconds", "connect_errors"])]:
+for scenario, keys in [("fanoutmax", ["deliveries_per_s", "server_cpu_us_per_delivery", "lost"]),
+                       ("fanoutrate", ["deliveries_per_s", "server_cpu_us_per_delivery", "lost"]),
+                       ("connect", ["connect_per_s", "server_cpu_us_per_connection",
+                                    "connect_client_cpu_seconds", "connect_errors"])]:
+    if not any(r["scenario"] == scenario for r in rows):
+        continue
     for key in keys:
         (a, av), (b, bv) = med(scenario, "none", key), med(scenario, "jwt", key)
         ratio = b / a if a else float("nan")
-        print(f"{scenario:12} {key:28} none {a:12.2f} jwt {b:12.2f} jwt/none {ratio:.3f}   none={av} jwt={bv}")
+        fmt = lambda v: [round(x, 3) for x in v]
+        print(f"{scenario:11} {key:29} none {a:12.3f} jwt {b:12.3f} jwt/none {ratio:.3f}  none={fmt(av)} jwt={fmt(bv)}")
 PY

@@ -1203,6 +1203,48 @@ mod tests {
         assert_eq!(s.connection.idle_timeout, Duration::from_secs(300));
     }
 
+    /// `[auth]` defaults are CONTRACT §10's; every key has an env override.
+    #[test]
+    fn auth_defaults_and_env_overrides() {
+        let s = load_str(MIN, &[]).expect("valid");
+        let a = &s.auth;
+        assert_eq!(a.mode, AuthMode::None);
+        assert_eq!(a.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(a.leeway, Duration::from_secs(30));
+        assert_eq!(a.auth_timeout, Duration::from_secs(10));
+        assert!(!a.allow_query_token);
+        assert!(a.public_keys.is_empty() && a.anonymous_subscribe.is_empty());
+        let s = load_str(
+            MIN,
+            &[
+                ("WSBROKER__AUTH__MODE", "jwt"),
+                ("WSBROKER__AUTH__PUBLIC_KEYS", "/a.pem,/b.pem"),
+                ("WSBROKER__AUTH__JWKS_URL", "https://idp.example/jwks"),
+                ("WSBROKER__AUTH__ALLOW_QUERY_TOKEN", "true"),
+                ("WSBROKER__AUTH__LEEWAY", "0s"),
+                ("WSBROKER__AUTH__DEFAULT_SUBSCRIBE", "user.{sub}.>,public.>"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.auth.mode, AuthMode::Jwt);
+        assert_eq!(s.auth.public_keys.len(), 2);
+        assert_eq!(s.auth.jwks_url.as_deref(), Some("https://idp.example/jwks"));
+        assert!(s.auth.allow_query_token);
+        assert_eq!(s.auth.leeway, Duration::ZERO);
+        assert_eq!(s.auth.default_subscribe, vec!["user.{sub}.>", "public.>"]);
+        let err = load_str(
+            &format!("{MIN}[auth]\nmode = \"jwt\"\njwks_url = \"http://x/\"\nanonymous_publish = [\"a..b\"]\n"),
+            &[],
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("auth.jwks_url:"), "{text}");
+        assert!(
+            text.contains("auth.anonymous_publish[0]: bad pattern"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn dev_defaults_allow_local_origins() {
         let s = Settings::dev_defaults();

@@ -957,3 +957,51 @@ fn check_config_names_each_bad_auth_key() {
     let (code, text) = run(&format!("hmac_secret_file = \"{}\"\n", ok.display()));
     assert_eq!(code, Some(0), "{text}");
 }
+
+/// `auth.mode` needs a restart: a reload that changes it says so and keeps
+/// the running mode, while the other `[auth]` keys apply at once.
+#[tokio::test]
+async fn a_reload_keeps_the_mode_and_applies_the_lists() {
+    let secret = secret_file();
+    let server = TestServer::start(&[]).await;
+    let new = common::settings(
+        &server.cert,
+        &[
+            ("WSBROKER__AUTH__MODE", "jwt"),
+            ("WSBROKER__AUTH__HMAC_SECRET_FILE", &secret),
+        ],
+    );
+    let restart = server.server.reload(new).expect("reload");
+    assert_eq!(restart, vec!["auth.mode".to_string()]);
+    // Still mode none: anything goes, tokens are ignored.
+    let (mut ws, _) = ws_with(&server, "/ws", &[("Authorization", "Bearer junk")])
+        .await
+        .expect("mode none stays");
+    subscribe(&mut ws, "any", 1).await;
+
+    let jwt = jwt_server(&[
+        ("WSBROKER__AUTH__HMAC_SECRET_FILE", &secret),
+        ("WSBROKER__AUTH__ANONYMOUS_SUBSCRIBE", "public.>"),
+    ])
+    .await;
+    let (mut anon, _) = ws_with(&jwt, "/ws", &[]).await.expect("anonymous");
+    assert!(is_ack(&sub_result(&mut anon, "public.a", 1).await, 1));
+    let new = common::settings(
+        &jwt.cert,
+        &[
+            ("WSBROKER__AUTH__MODE", "jwt"),
+            ("WSBROKER__AUTH__HMAC_SECRET_FILE", &secret),
+            ("WSBROKER__AUTH__ANONYMOUS_SUBSCRIBE", "news.>"),
+        ],
+    );
+    assert!(jwt.server.reload(new).expect("reload").is_empty());
+    // New connections get the new list; the open one keeps its own.
+    let (mut fresh, _) = ws_with(&jwt, "/ws", &[]).await.expect("anonymous");
+    assert!(is_ack(&sub_result(&mut fresh, "news.a", 1).await, 1));
+    assert!(is_error(
+        &sub_result(&mut fresh, "public.a", 2).await,
+        2,
+        "forbidden"
+    ));
+    assert!(is_ack(&sub_result(&mut anon, "public.b", 2).await, 2));
+}

@@ -58,6 +58,7 @@ pub fn rsa_pems() -> &'static (String, String) {
                 "-out",
             ])
             .arg(&key)
+            .stderr(std::process::Stdio::null())
             .status()
             .expect("openssl must be installed (CI installs it)");
         assert!(st.success(), "openssl genpkey");
