@@ -472,10 +472,11 @@ pub async fn ws_to(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> Ws {
         .expect("upgrade")
 }
 
-/// The real `wsbroker` binary serving wss and admin on free loopback ports,
-/// with extra TOML appended to its config file; killed (SIGKILL) on drop.
+/// The real `wsbroker` binary ([`daemon::Daemon`]) as a cluster node: wss
+/// and admin on port 0, extra TOML appended to its config, a publish token,
+/// a client TLS config trusting its certificate; killed (SIGKILL) on drop.
 pub struct Node {
-    pub child: Option<std::process::Child>,
+    daemon: Option<daemon::Daemon>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
@@ -487,38 +488,29 @@ pub struct Node {
 pub const NODE_PUBLISH_TOKEN: &str = "node-secret";
 
 impl Node {
-    /// Starts the binary; waits until the admin listener answers.
+    /// Starts the binary; waits (bounded) until both listeners are up.
     pub async fn start(extra_toml: &str) -> Node {
         let cert = make_cert();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = cert.dir.path().join("node.toml");
-        let toml = format!(
-            "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[origins]\nallow = [\"{ORIGIN}\"]\n[admin]\nlisten = \"{admin}\"\npublish_token = \"{NODE_PUBLISH_TOKEN}\"\n[log]\nlevel = \"warn\"\n{extra_toml}\n",
-            cert.cert_path.display(),
-            cert.key_path.display()
+        let config = daemon::config_file(
+            &cert,
+            "\"127.0.0.1:0\"",
+            "shutdown_grace = \"1s\"",
+            "",
+            extra_toml,
         );
-        std::fs::write(&config, toml).expect("write config");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wsbroker"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn wsbroker");
-        let node = Node {
-            child: Some(child),
-            addr,
-            admin,
+        let mut cmd = daemon::serve_command(&config);
+        cmd.env("WSBROKER__ADMIN__PUBLISH_TOKEN", NODE_PUBLISH_TOKEN);
+        let d = tokio::task::spawn_blocking(move || daemon::Daemon::start(cmd))
+            .await
+            .expect("start node");
+        Node {
+            addr: d.wss,
+            admin: d.admin,
+            daemon: Some(d),
             tls: client_config(&cert.cert_der),
             cert,
             config,
-        };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while TcpStream::connect(admin).await.is_err() || TcpStream::connect(addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "node did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        node
     }
 
     /// A connected WebSocket client.
@@ -564,18 +556,18 @@ impl Node {
         .await
     }
 
+    /// Everything it logged so far (JSON lines).
+    pub fn log_text(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(daemon::Daemon::log_text)
+            .unwrap_or_default()
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
+        // Dropping the daemon kills and reaps it.
+        self.daemon = None;
     }
 }
 
