@@ -4,26 +4,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
 use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsbroker");
+use common::daemon::{field, serve_command as serve_cmd, spawn_logged, Daemon, BIN};
 
 /// The `[tls]`, `[origins]`, `[admin]` and `[log]` sections every daemon here
 /// gets, plus whatever `server` and `connection` lines the test wants.
@@ -41,159 +39,6 @@ fn config_text(
         key.display(),
         allow.join(", ")
     )
-}
-
-/// A running `wsbroker serve`, killed on drop; its stderr (JSON log lines) is
-/// collected by a thread.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    wss: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field(line: &str, key: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    v.get(key)?.as_str().map(str::to_string)
-}
-
-/// Starts the binary with `cmd`'s extra settings; collects stderr lines.
-fn spawn_logged(mut cmd: Command) -> (Child, Arc<Mutex<Vec<String>>>) {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("WSBROKER__") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd.spawn().expect("spawn wsbroker");
-    let stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("log lock").push(line);
-        }
-    });
-    (child, log)
-}
-
-fn serve_cmd(config: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve").arg("--config").arg(config);
-    cmd.env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID");
-    cmd
-}
-
-impl Daemon {
-    /// Starts the daemon and waits (bounded) until both listeners are bound.
-    fn start(cmd: Command) -> Daemon {
-        let (child, log) = spawn_logged(cmd);
-        let mut d = Daemon {
-            child,
-            log,
-            wss: SocketAddr::from(([0, 0, 0, 0], 0)),
-            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
-        };
-        let deadline = Instant::now() + WAIT;
-        let (mut wss, mut admin) = (None, None);
-        while wss.is_none() || admin.is_none() {
-            for line in d.log.lock().expect("log lock").iter() {
-                let addr = field(line, "addr").and_then(|a| a.parse::<SocketAddr>().ok());
-                match field(line, "message").as_deref() {
-                    Some("listening (wss)") => wss = addr,
-                    Some("admin listening (http)") => admin = addr,
-                    _ => {}
-                }
-            }
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!(
-                    "wsbroker exited with {status} at start-up:\n{}",
-                    d.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not listening:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d.wss = wss.expect("wss addr");
-        d.admin = admin.expect("admin addr");
-        d
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        self.child.id() as libc::pid_t
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill({sig})");
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    fn count_lines(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// Waits until more than `seen` log lines contain `needle`.
-    async fn wait_for_line(&self, needle: &str, seen: usize) {
-        let deadline = Instant::now() + WAIT;
-        while self.count_lines(needle) <= seen {
-            assert!(
-                Instant::now() < deadline,
-                "no new log line with {needle:?}:\n{}",
-                self.log_text()
-            );
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits (bounded) for the process to exit.
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running after {within:?}:\n{}",
-                self.log_text()
-            );
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn http(&self, path: &str) -> String {
-        admin_request(
-            self.admin,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        )
-        .await
-    }
 }
 
 fn client_tls(roots: &[&CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
@@ -679,12 +524,9 @@ fn warns_when_max_connections_does_not_fit_the_open_file_limit() {
     }
     let d = Daemon::start(cmd);
     let line = d
-        .log
-        .lock()
-        .expect("log")
-        .iter()
+        .log_lines()
+        .into_iter()
         .find(|l| l.contains("open-file limit"))
-        .cloned()
         .unwrap_or_else(|| panic!("no warning:\n{}", d.log_text()));
     assert_eq!(field(&line, "level").as_deref(), Some("WARN"), "{line}");
     let message = field(&line, "message").expect("message");

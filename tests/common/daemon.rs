@@ -122,7 +122,8 @@ impl Drop for Daemon {
     }
 }
 
-fn field(line: &str, key: &str) -> Option<String> {
+/// A string field of a JSON log line.
+pub fn field(line: &str, key: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     v.get(key)?.as_str().map(str::to_string)
 }
@@ -204,6 +205,11 @@ impl Daemon {
         assert_eq!(rc, 0, "kill({sig})");
     }
 
+    /// The lines it logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
     /// Everything it logged so far.
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
@@ -250,9 +256,14 @@ impl Daemon {
 
     /// `GET /metrics`.
     pub async fn metrics(&self) -> String {
+        self.http("/metrics").await
+    }
+
+    /// `GET path` on the admin listener: the raw response.
+    pub async fn http(&self, path: &str) -> String {
         admin_request(
             self.admin,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
         )
         .await
     }
