@@ -13,6 +13,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod der;
 pub mod handshake;
 pub mod lifecycle;
 pub mod logging;

@@ -402,68 +402,18 @@ pub fn record_tls_cert(m: &Metrics, chain: &[impl AsRef<[u8]>]) {
 /// validity → notAfter (UTCTime or GeneralizedTime, `Z` form as RFC 5280
 /// requires). `None` for anything malformed.
 pub fn cert_not_after(der: &[u8]) -> Option<i64> {
-    const SEQUENCE: u8 = 0x30;
-    let (tag, cert, _) = der_tlv(der)?;
-    if tag != SEQUENCE {
+    use crate::der::{tbs_fields, tlv, SEQUENCE};
+    let [serial, signature, issuer, validity, ..] = tbs_fields(der)?;
+    // serialNumber INTEGER, signature AlgorithmIdentifier, issuer Name.
+    if serial.tag != 0x02 || signature.tag != SEQUENCE || issuer.tag != SEQUENCE {
         return None;
     }
-    let (tag, tbs, _) = der_tlv(cert)?;
-    if tag != SEQUENCE {
+    if validity.tag != SEQUENCE {
         return None;
     }
-    let mut rest = tbs;
-    let (mut tag, _, mut after) = der_tlv(rest)?;
-    if tag == 0xA0 {
-        // [0] EXPLICIT version
-        rest = after;
-        (tag, _, after) = der_tlv(rest)?;
-    }
-    if tag != 0x02 {
-        return None; // serialNumber INTEGER
-    }
-    rest = after;
-    for _ in 0..2 {
-        // signature AlgorithmIdentifier, issuer Name
-        let (tag, _, after) = der_tlv(rest)?;
-        if tag != SEQUENCE {
-            return None;
-        }
-        rest = after;
-    }
-    let (tag, validity, _) = der_tlv(rest)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (_, _, after) = der_tlv(validity)?; // notBefore
-    let (tag, time, _) = der_tlv(after)?;
+    let (_, _, after) = tlv(validity.contents)?; // notBefore
+    let (tag, time, _) = tlv(after)?;
     parse_x509_time(tag, time)
-}
-
-/// One DER TLV: (tag, contents, rest). Low tag numbers and definite lengths only.
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, input) = input.split_first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, mut input) = input.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || input.len() < n {
-            return None;
-        }
-        let (bytes, rest) = input.split_at(n);
-        input = rest;
-        bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-    };
-    if input.len() < len {
-        return None;
-    }
-    let (contents, rest) = input.split_at(len);
-    Some((tag, contents, rest))
 }
 
 /// UTCTime (0x17, `YYMMDDHHMMSSZ`) or GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).

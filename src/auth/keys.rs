@@ -179,34 +179,8 @@ impl Key {
 
 // --- DER -----------------------------------------------------------------
 
-/// One DER TLV: (tag, contents, rest). Low tag numbers, definite lengths.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, input) = input.split_first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, mut input) = input.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || input.len() < n {
-            return None;
-        }
-        let (bytes, rest) = input.split_at(n);
-        input = rest;
-        bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-    };
-    if input.len() < len {
-        return None;
-    }
-    let (contents, rest) = input.split_at(len);
-    Some((tag, contents, rest))
-}
+use crate::der::{tlv, SEQUENCE};
 
-const SEQUENCE: u8 = 0x30;
 const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
 const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -279,29 +253,8 @@ pub fn from_spki(der: &[u8]) -> Result<KeyMaterial, String> {
 
 /// The SubjectPublicKeyInfo of an X.509 certificate (DER).
 fn cert_spki(der: &[u8]) -> Option<&[u8]> {
-    let (tag, cert, _) = tlv(der)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, tbs, _) = tlv(cert)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let mut rest = tbs;
-    let (tag, _, after) = tlv(rest)?;
-    if tag == 0xA0 {
-        rest = after; // [0] EXPLICIT version
-    }
-    // serialNumber, signature, issuer, validity, subject
-    for _ in 0..5 {
-        let (_, _, after) = tlv(rest)?;
-        rest = after;
-    }
-    let (tag, _, after) = tlv(rest)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    Some(&rest[..rest.len() - after.len()])
+    let [.., spki] = crate::der::tbs_fields(der)?;
+    (spki.tag == SEQUENCE).then_some(spki.whole)
 }
 
 /// Every key in a PEM file (`PUBLIC KEY` and `CERTIFICATE` sections).
