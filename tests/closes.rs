@@ -211,8 +211,10 @@ async fn shutdown_gets_1001_while_clients_still_publish() {
             .await
             .expect("shutdown returns");
         let took = t0.elapsed();
+        // Within the grace plus scheduling slack; a drain that ignored the
+        // grace could run 2 s past it.
         assert!(
-            took < Duration::from_millis(2500),
+            took < Duration::from_millis(3000),
             "drain took {took:?} (grace 2s)"
         );
         for (i, c) in clients.into_iter().enumerate() {
