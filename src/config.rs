@@ -340,6 +340,9 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The longest duration any key accepts (100 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Origins allowed by `--dev`.
 pub const DEV_ORIGINS: &[&str] = &[
     "http://localhost:*",
@@ -521,6 +524,12 @@ impl Section<'_> {
             Some(v) => {
                 match v.kind {
                     ValueKind::String(s) => match humantime::parse_duration(s.trim()) {
+                        Ok(d) if d > MAX_DURATION => {
+                            // Deadlines are `Instant + duration`: an absurd
+                            // value would overflow there, at run time.
+                            self.err(key, "must be at most 100 years");
+                            default
+                        }
                         Ok(d) if !d.is_zero() => d,
                         Ok(_) => {
                             self.err(key, "must be greater than 0");
@@ -1011,33 +1020,8 @@ fn auth_section(values: Map<String, Value>, errors: &mut Vec<String>) -> AuthSet
     let allow_query_token = s.bool("allow_query_token", false);
     let issuer = Some(s.string("issuer", "")).filter(|v| !v.is_empty());
     let audience = Some(s.string("audience", "")).filter(|v| !v.is_empty());
-    // leeway may be zero ("0s"): the duration helper refuses zero, so it is
-    // read here.
-    let leeway = match s.take("leeway") {
-        None => Duration::from_secs(30),
-        Some(v) => match v.kind {
-            ValueKind::String(ref t) => match humantime::parse_duration(t.trim()) {
-                Ok(d) => d,
-                Err(e) => {
-                    s.err(
-                        "leeway",
-                        format!("invalid duration `{t}` ({e}); use e.g. \"30s\""),
-                    );
-                    Duration::from_secs(30)
-                }
-            },
-            other => {
-                s.err(
-                    "leeway",
-                    format!(
-                        "expected a duration string like \"30s\", got {}",
-                        describe(&other)
-                    ),
-                );
-                Duration::from_secs(30)
-            }
-        },
-    };
+    // leeway may be zero ("0s").
+    let leeway = s.duration_or_zero("leeway", Duration::from_secs(30));
     let auth_timeout = s.duration("auth_timeout", Duration::from_secs(10));
     let mut lists = Vec::new();
     for key in [
@@ -1190,6 +1174,22 @@ mod tests {
         assert_eq!(s.tls.key.as_deref(), Some(Path::new(DEFAULT_KEY)));
         assert_eq!(DEFAULT_CERT, "/etc/wsbroker/tls/cert.pem");
         assert_eq!(DEFAULT_KEY, "/etc/wsbroker/tls/key.pem");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_by_key() {
+        let e = load_str(
+            &format!("{MIN}[connection]\nidle_timeout = \"1000000000y\"\n"),
+            &[],
+        )
+        .expect_err("too long");
+        assert!(
+            e.0.iter()
+                .any(|l| l.starts_with("connection.idle_timeout: ") && l.contains("100 years")),
+            "{e}"
+        );
+        let e = load_str(MIN, &[("WSBROKER__AUTH__LEEWAY", "200y")]).expect_err("too long");
+        assert!(e.0.iter().any(|l| l.starts_with("auth.leeway: ")), "{e}");
     }
 
     #[test]
