@@ -1084,7 +1084,7 @@ pub fn display_path(p: Option<&Path>) -> String {
 mod tests {
     use super::*;
 
-    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+    pub(super) fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
         let dir = tempfile::tempdir().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
         let path = dir.path().join("c.toml");
         std::fs::write(&path, toml).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
@@ -1259,19 +1259,8 @@ mod cluster_tests {
     use super::*;
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
-        let dir = tempfile::tempdir().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-        let path = dir.path().join("c.toml");
         let file = format!("[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{toml}");
-        std::fs::write(&path, file).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-        Settings::load_unchecked(&LoadOptions {
-            path: Some(path),
-            dev: false,
-            env: Some(
-                env.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-        })
+        super::tests::load_str(&file, env)
     }
 
     #[test]
