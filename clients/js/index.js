@@ -307,15 +307,8 @@ export class Client {
     if (first) this.#emit('state', 'connecting');
     let token = null;
     if (this.#tokenOption !== undefined) {
-      try {
-        token = await this.#getToken();
-      } catch (e) {
-        if (this.#closed) return;
-        this.#emitError(new WsbrokerError('token', `token() failed: ${errorMessage(e)}`, { cause: e }));
-        this.#scheduleReconnect();
-        return;
-      }
-      if (this.#closed) return;
+      token = await this.#connectToken();
+      if (token === undefined) return;
     }
     const protocols = token ? [SUBPROTOCOL, BEARER + token] : [SUBPROTOCOL];
     let ws;
@@ -422,17 +415,27 @@ export class Client {
   }
 
   // 4003 "authentication required": reconnect only if token() has one now.
-  async #afterAuthRequired(reason) {
-    let token;
+  /**
+   * The token for the next connection attempt, from `token()`. `undefined`
+   * when the client was closed meanwhile, or when `token()` failed: that is
+   * reported on `error` and the next attempt is scheduled.
+   */
+  async #connectToken() {
     try {
-      token = this.#tokenOption === undefined ? null : await this.#getToken();
+      const token = await this.#getToken();
+      return this.#closed ? undefined : token;
     } catch (e) {
-      if (this.#closed) return;
-      this.#emitError(new WsbrokerError('token', `token() failed: ${errorMessage(e)}`, { cause: e }));
-      this.#scheduleReconnect();
-      return;
+      if (!this.#closed) {
+        this.#emitError(new WsbrokerError('token', `token() failed: ${errorMessage(e)}`, { cause: e }));
+        this.#scheduleReconnect();
+      }
+      return undefined;
     }
-    if (this.#closed) return;
+  }
+
+  async #afterAuthRequired(reason) {
+    const token = this.#tokenOption === undefined ? null : await this.#connectToken();
+    if (token === undefined || this.#closed) return;
     if (!token) {
       this.#stop(
         new WsbrokerError('closed', `the server requires authentication (4003 ${reason || ''}) and token() yielded none`.trim(), {
